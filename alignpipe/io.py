@@ -1,0 +1,103 @@
+"""Reading and validating stage inputs at the boundary. Every message is one line naming the path, the
+column, the expected and found type, and the command that produces the expected kind."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from alignpipe.errors import UserError
+from alignpipe.manifest import read_manifest
+
+
+def _major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 10**6
+
+
+def _load(path: Path):
+    from datasets import load_from_disk
+
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if not path.is_dir() or not ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        raise UserError(f"{path}: not a dataset folder (no dataset_info.json/state.json); "
+                        f"bring outside data in with `alignpipe import`")
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:  # corrupted arrow, bad json, ...
+        raise UserError(f"{path}: cannot read the dataset ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    if not hasattr(ds, "features"):
+        raise UserError(f"{path}: is a DatasetDict; pass one split folder, e.g. {path}/train")
+    return ds
+
+
+def kind_of(path: Path) -> tuple[str | None, str | None]:
+    """(kind, schema version) recorded in a dataset's manifest, or (None, None)."""
+    m = read_manifest(path) or {}
+    schema = m.get("schema") or {}
+    return schema.get("kind"), schema.get("version")
+
+
+def _type_str(feature) -> str:
+    from datasets import Value
+
+    if isinstance(feature, Value):
+        return feature.dtype
+    if hasattr(feature, "feature"):  # List, LargeList, Sequence
+        return f"list<{_type_str(feature.feature)}>"
+    if isinstance(feature, list):
+        return f"list<{_type_str(feature[0])}>" if feature else "list"
+    if isinstance(feature, dict):
+        return "{" + ", ".join(f"{k}: {_type_str(v)}" for k, v in feature.items()) + "}"
+    return type(feature).__name__
+
+
+def check_columns(ds, kind: str, where: str) -> None:
+    """Raise UserError naming the first missing or mistyped column of `ds` against the schema of `kind`."""
+    import schemas
+
+    expected = schemas.features(kind)
+    for col in schemas.columns(kind):
+        if col.name not in ds.features:
+            raise UserError(f"{where}: missing column '{col.name}' (expected {schemas.type_name(col.dtype)}; "
+                            f"{kind} datasets are written by `{schemas.producer(kind)}`)")
+        want, found = _type_str(expected[col.name]), _type_str(ds.features[col.name])
+        if want != found:
+            raise UserError(f"{where}: column '{col.name}' has type {found}, expected {want} "
+                            f"({kind} datasets are written by `{schemas.producer(kind)}`)")
+
+
+def read_input(path: Path | str, kinds: str | tuple[str, ...], stage: str, allow_empty: bool = False):
+    """Load a dataset written by alignpipe, check its kind, version and columns; return (dataset, kind)."""
+    import schemas
+
+    path = Path(path)
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    ds = _load(path)
+    kind, version = kind_of(path)
+    if kind is None:
+        raise UserError(f"{path}: no alignpipe manifest, so its kind is unknown; `{stage}` needs "
+                        f"{' or '.join(kinds)} (bring outside data in with `alignpipe import`)")
+    if kind not in kinds:
+        producers = ", ".join(f"{k} from `{schemas.producer(k)}`" for k in kinds)
+        raise UserError(f"{path}: is a '{kind}' dataset; `{stage}` needs {producers}")
+    if _major(version) > _major(schemas.SCHEMA_VERSION):
+        raise UserError(f"{path}: schema version {version} is newer than this alignpipe's "
+                        f"{schemas.SCHEMA_VERSION}; upgrade alignpipe")
+    if len(ds) == 0 and not allow_empty:
+        raise UserError(f"{path}: the dataset is empty (0 rows); `{stage}` needs at least one row")
+    check_columns(ds, kind, str(path))
+    return ds, kind
+
+
+def conform(ds, kind: str):
+    """Select and order the schema's columns and cast to its exact features (what every stage writes)."""
+    import schemas
+
+    names = [c.name for c in schemas.columns(kind)]
+    missing = [n for n in names if n not in ds.column_names]
+    if missing:
+        raise RuntimeError(f"internal: stage output lacks columns {missing} of kind {kind}")
+    ds = ds.select_columns(names)
+    return ds.cast(schemas.features(kind))

@@ -1,0 +1,111 @@
+"""Manifests and fingerprints: what every output (dataset or policy folder) says about how it was made."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+_SECRET_KEYS = re.compile(r"(api[_-]?key|token|secret|password)", re.I)
+
+
+def read_manifest(path: Path) -> dict | None:
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fingerprint_files(path: Path, patterns=("*.arrow", "*.safetensors", "*.json", "*.bin", "*.model")) -> str:
+    """A content hash of the data/weight files of a folder (sorted by relative name; manifest excluded)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted({f for p in patterns for f in path.rglob(p) if f.name != MANIFEST and f.is_file()})
+    for f in files:
+        h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def fingerprint(path: Path) -> str:
+    """The fingerprint of an input: its manifest's when alignpipe wrote it, else a content hash."""
+    m = read_manifest(path)
+    if m and m.get("fingerprint"):
+        return m["fingerprint"]
+    p = Path(path)
+    if p.is_file():
+        return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return fingerprint_files(p)
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def secret_values() -> list[str]:
+    """Values of environment variables that look like secrets, to scrub from anything written."""
+    return [v for k, v in os.environ.items() if _SECRET_KEYS.search(k) and len(v) >= 6]
+
+
+def redact(obj):
+    """Replace secret values (and values under secret-looking keys) by '***' throughout a JSON-able object."""
+    secrets = secret_values()
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET_KEYS.search(str(k)) and isinstance(v, str) and v and not k.endswith("_env")
+                    else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        for s in secrets:
+            obj = obj.replace(s, "***")
+    return obj
+
+
+def build_manifest(*, stage: str, config: dict, inputs: list[Path], kind: str | None, num_rows: int | None,
+                   started: float, fingerprint_: str, report: dict | None = None) -> dict:
+    from alignpipe import __version__
+    from schemas import SCHEMA_VERSION
+
+    return redact({
+        "stage": stage,
+        "command": " ".join(["alignpipe"] + sys.argv[1:]) if "alignpipe" in sys.argv[0] else " ".join(sys.argv),
+        "config": config,
+        "inputs": [{"path": str(p), "fingerprint": fingerprint(p)} for p in inputs],
+        "schema": {"kind": kind, "version": SCHEMA_VERSION} if kind else None,
+        "package_version": __version__,
+        "git_revision": git_revision(),
+        "num_rows": num_rows,
+        "seed": config.get("seed"),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - started, 3),
+        "fingerprint": fingerprint_,
+        "report": report or {},
+    })
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    tmp = Path(folder) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, Path(folder) / MANIFEST)
+
+
+def input_key(config: dict, inputs: list[Path]) -> dict:
+    """What decides whether an output is up to date: the resolved config and the inputs' fingerprints."""
+    return {"config": redact(json.loads(json.dumps(config, default=str))),
+            "inputs": [fingerprint(p) for p in inputs]}

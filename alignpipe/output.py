@@ -1,0 +1,208 @@
+"""Atomic, locked, resumable stage outputs.
+
+Layout beside the target OUT:
+    .OUT.lock            {pid, host, command} of the writer; a second writer refuses, naming it; a stale lock
+                         (dead pid on this host) is taken over.
+    .OUT.partial/        shards of a long stage: shard-00000/ ... each renamed into place when whole,
+                         plus key.json (config + input fingerprints). A rerun with the same key resumes;
+                         a different key discards the partial work.
+    .OUT.tmp-PID/        the final folder being written; manifest.json is written last, then it is renamed
+                         to OUT. So OUT appears whole or not at all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from alignpipe.errors import LockedError, UserError
+from alignpipe.manifest import build_manifest, fingerprint_files, input_key, read_manifest, write_manifest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lock:
+    def __init__(self, target: Path):
+        self.path = target.parent / f".{target.name}.lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
+              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and (holder.get("host") != socket.gethostname() or _pid_alive(int(holder["pid"]))):
+                    raise LockedError(f"{self.path.parent / self.path.name[1:-5]}: locked by pid {holder['pid']} on "
+                                      f"{holder['host']} since {holder.get('since')} ({holder.get('command')})")
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise LockedError(f"{self.path}: could not take the lock")
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {"pid": 0, "host": socket.gethostname()}  # unreadable lock = half-written by a dead process
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+class StageOutput:
+    """One stage's output: up-to-date check, lock, shard checkpoints, atomic finish with a manifest."""
+
+    def __init__(self, out: Path | str, *, stage: str, kind: str | None, config: dict, inputs: list[Path],
+                 force: bool = False):
+        self.out = Path(out)
+        self.stage, self.kind, self.config, self.inputs, self.force = stage, kind, config, list(inputs), force
+        self.key = input_key(config, self.inputs)
+        self.partial = self.out.parent / f".{self.out.name}.partial"
+        self.lock = Lock(self.out)
+        self.started = time.time()
+        self.report: dict = {}
+
+    # -- up to date -------------------------------------------------------------------------------------
+    def up_to_date(self) -> bool:
+        if self.force:
+            return False
+        m = read_manifest(self.out)
+        if not m or m.get("stage") != self.stage:
+            return False
+        return {"config": m.get("key_config"), "inputs": m.get("key_inputs")} == self.key
+
+    def __enter__(self) -> StageOutput:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"{self.out}: exists and is not a folder")
+        self.lock.acquire()
+        self._open_partial()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    # -- shards -----------------------------------------------------------------------------------------
+    def _open_partial(self) -> None:
+        keyfile = self.partial / "key.json"
+        if self.partial.exists():
+            try:
+                same = json.loads(keyfile.read_text()) == self.key and not self.force
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                shutil.rmtree(self.partial)
+        self.partial.mkdir(exist_ok=True)
+        for junk in self.partial.glob("*.tmp*"):
+            shutil.rmtree(junk, ignore_errors=True)
+        if not keyfile.exists():
+            keyfile.write_text(json.dumps(self.key, default=str))
+
+    def _shard_dir(self, index: int) -> Path:
+        return self.partial / f"shard-{index:05d}"
+
+    def has_shard(self, index: int) -> bool:
+        return (self._shard_dir(index) / "done").exists()
+
+    def done_shards(self) -> list[int]:
+        return sorted(int(p.name.split("-")[1]) for p in self.partial.glob("shard-*") if (p / "done").exists())
+
+    def write_shard(self, index: int, ds) -> None:
+        """Save one finished shard atomically (a killed run resumes after the last whole shard)."""
+        tmp = self.partial / f"shard-{index:05d}.tmp{os.getpid()}"
+        ds.save_to_disk(str(tmp))
+        (tmp / "done").write_text("")
+        os.replace(tmp, self._shard_dir(index))
+
+    def read_shard(self, index: int):
+        from datasets import load_from_disk
+
+        return load_from_disk(str(self._shard_dir(index)))
+
+    def read_shards(self):
+        from datasets import concatenate_datasets
+
+        parts = [self.read_shard(i) for i in self.done_shards()]
+        return concatenate_datasets(parts) if parts else None
+
+    # -- finish -----------------------------------------------------------------------------------------
+    def finish(self, ds=None, *, write=None, num_rows: int | None = None) -> dict:
+        """Write `ds` (conformed to the kind's schema) or call `write(folder)`; manifest last; rename into place."""
+        from alignpipe.io import conform
+
+        tmp = self.out.parent / f".{self.out.name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if ds is not None:
+                if self.kind:
+                    ds = conform(ds, self.kind)
+                ds.save_to_disk(str(tmp), num_proc=None)
+                num_rows = len(ds)
+            else:
+                tmp.mkdir(parents=True)
+                write(tmp)
+            manifest = build_manifest(stage=self.stage, config=self.config, inputs=self.inputs, kind=self.kind,
+                                      num_rows=num_rows, started=self.started, fingerprint_=fingerprint_files(tmp),
+                                      report=self.report)
+            manifest["key_config"], manifest["key_inputs"] = self.key["config"], self.key["inputs"]
+            write_manifest(tmp, manifest)
+            self._swap_in(tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"{self.out}: cannot write the output ({e.strerror or e}); nothing was written")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(self.partial, ignore_errors=True)
+        return manifest
+
+    def _swap_in(self, tmp: Path) -> None:
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old{os.getpid()}"
+            os.replace(self.out, old)
+        os.replace(tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def map_shards(so: StageOutput, ds, fn, shard_size: int, desc: str):
+    """Apply `fn(part, shard_index) -> Dataset` shard by shard, checkpointing each; resume skips done shards.
+
+    Shard boundaries depend only on `shard_size`, so a resumed run computes exactly the shards an
+    uninterrupted run would, and the concatenation is identical row for row.
+    """
+    from alignpipe.progress import progress_bar
+
+    n = len(ds)
+    num = max(1, -(-n // shard_size))
+    todo = [i for i in range(num) if not so.has_shard(i)]
+    if len(todo) < num:
+        so.report["resumed_shards"] = num - len(todo)
+    with progress_bar(desc, total=n, done=n - sum(min(shard_size, n - i * shard_size) for i in todo)) as bar:
+        for i in todo:
+            part = ds.select(range(i * shard_size, min(n, (i + 1) * shard_size)))
+            result = fn(part, i)
+            so.write_shard(i, result)
+            bar.advance(len(part), result)
+    return so.read_shards()

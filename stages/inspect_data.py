@@ -1,0 +1,136 @@
+"""inspect: kind, version, rows, per-column statistics, sample rows and the validation verdict of any output."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from alignpipe.cli_common import handle_errors
+from alignpipe.errors import UserError
+
+
+def _numeric_stats(values) -> dict:
+    import numpy as np
+
+    arr = np.array([v for v in values if v is not None], dtype=float)
+    stats = {"count": int(arr.size), "nulls": len(values) - int(arr.size)}
+    if arr.size:
+        stats.update(mean=float(arr.mean()), min=float(arr.min()), max=float(arr.max()),
+                     nonfinite=int((~np.isfinite(arr)).sum()))
+    return stats
+
+
+def _length_stats(values) -> dict:
+    import numpy as np
+
+    lens = np.array([len(v) for v in values if v is not None])
+    if not lens.size:
+        return {"count": 0}
+    p = np.percentile(lens, [0, 50, 90, 99, 100])
+    return {"count": int(lens.size), "tokens_p0": int(p[0]), "tokens_p50": float(p[1]), "tokens_p90": float(p[2]),
+            "tokens_p99": float(p[3]), "tokens_max": int(p[4]), "tokens_total": int(lens.sum())}
+
+
+def weight_summary(weights) -> dict:
+    """Distribution of weights and the effective sample size ESS = (sum w)^2 / sum w^2 (Kish)."""
+    import numpy as np
+
+    w = np.array([x for x in weights if x is not None], dtype=float)
+    if not w.size:
+        return {}
+    ess = float(w.sum() ** 2 / max((w**2).sum(), 1e-300))
+    q = np.percentile(w, [5, 50, 95])
+    return {"ess": ess, "ess_fraction": ess / w.size, "p5": float(q[0]), "p50": float(q[1]), "p95": float(q[2]),
+            "zeros": int((w == 0).sum())}
+
+
+def summarise(ds, kind: str | None) -> dict:
+    """Pure core: per-column statistics of a dataset."""
+    from datasets import Value
+
+    cols = {}
+    for name, feat in ds.features.items():
+        values = ds[name]
+        if isinstance(feat, Value) and feat.dtype == "bool":
+            vals = [v for v in values if v is not None]
+            cols[name] = {"true": sum(vals), "false": len(vals) - sum(vals), "nulls": len(values) - len(vals)}
+        elif isinstance(feat, Value) and feat.dtype.startswith(("float", "int")):
+            cols[name] = _numeric_stats(values)
+            if name.endswith("_weight"):
+                cols[name].update(weight_summary(values))
+        elif name.endswith("input_ids"):
+            cols[name] = _length_stats(values)
+        elif isinstance(feat, Value) and feat.dtype == "string" and name in ("finish_reason", "pairing", "split"):
+            counts: dict = {}
+            for v in values:
+                counts[v] = counts.get(v, 0) + 1
+            cols[name] = {"counts": counts}
+    return cols
+
+
+def _verdict(path: Path, ds, kind: str | None) -> str:
+    import schemas
+    from alignpipe.io import check_columns
+
+    if kind is None:
+        return "no alignpipe manifest: kind unknown (use `alignpipe import`)"
+    if kind not in schemas.KINDS:
+        return f"unknown kind '{kind}'"
+    try:
+        check_columns(ds, kind, str(path))
+    except UserError as e:
+        return f"INVALID: {e}"
+    return "valid"
+
+
+def _print_table(info: dict, ds, rows: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{info['path']}[/]  kind={info['kind']}  version={info['version']}  "
+                  f"rows={info['num_rows']}  verdict={info['verdict']}")
+    t = Table("column", "statistics")
+    for name, st in info["columns"].items():
+        t.add_row(name, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in st.items()))
+    console.print(t)
+    if rows and ds is not None and len(ds):
+        show = [c for c in ds.column_names if not c.endswith(("_ids", "_mask")) and c not in ("raw", "messages")][:8]
+        s = Table(*show, title=f"first {min(rows, len(ds))} rows")
+        for r in ds.select(range(min(rows, len(ds)))):
+            s.add_row(*[str(r[c])[:60] for c in show])
+        console.print(s)
+
+
+@handle_errors
+def command(
+    path: Annotated[Path, typer.Argument(help="A dataset or policy folder written by alignpipe.")],
+    rows: Annotated[int, typer.Option(help="How many sample rows to show.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+):
+    """Show kind, schema version, row count, per-column statistics, sample rows and validation verdict."""
+    from alignpipe.io import _load, kind_of
+    from alignpipe.manifest import read_manifest
+
+    manifest = read_manifest(path) or {}
+    if path.is_dir() and manifest and not (path / "dataset_info.json").exists():
+        info = {"path": str(path), "kind": manifest.get("stage"), "manifest": manifest}
+        print(json.dumps(info, indent=2, default=str))
+        return
+    ds = _load(path)
+    kind, version = kind_of(path)
+    info = {"path": str(path), "kind": kind, "version": version, "num_rows": len(ds),
+            "verdict": _verdict(path, ds, kind), "columns": summarise(ds, kind),
+            "report": manifest.get("report", {})}
+    if as_json:
+        info["sample"] = [{k: v for k, v in r.items() if not k.endswith(("_ids", "_mask"))}
+                          for r in ds.select(range(min(rows, len(ds))))]
+        json.dump(info, sys.stdout, default=str)
+        print()
+    else:
+        _print_table(info, ds, rows)
+    if info["verdict"].startswith("INVALID"):
+        raise typer.Exit(2)
