@@ -15,11 +15,28 @@ def _major(version: str) -> int:
         return 10**6
 
 
+def _parts(path: Path) -> list[Path] | None:
+    """The part folders of a multi-process output (part-I-of-N), or None; refuses an incomplete set."""
+    parts = sorted(path.glob("part-*-of-*")) if path.is_dir() else []
+    if not parts:
+        return None
+    total = int(parts[0].name.rsplit("-", 1)[1])
+    done = [p for p in parts if (p / "manifest.json").exists()]
+    if len(done) != total:
+        have = {int(p.name.split("-")[1]) for p in done}
+        missing = [i for i in range(total) if i not in have]
+        raise UserError(f"{path}: incomplete multi-process output: parts {missing} of {total} are missing")
+    return done
+
+
 def _load(path: Path):
-    from datasets import load_from_disk
+    from datasets import concatenate_datasets, load_from_disk
 
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
+    parts = _parts(path)
+    if parts:
+        return concatenate_datasets([_load(p) for p in parts])
     if not path.is_dir() or not ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
         raise UserError(f"{path}: not a dataset folder (no dataset_info.json/state.json); "
                         f"bring outside data in with `alignpipe import`")
@@ -34,7 +51,8 @@ def _load(path: Path):
 
 def kind_of(path: Path) -> tuple[str | None, str | None]:
     """(kind, schema version) recorded in a dataset's manifest, or (None, None)."""
-    m = read_manifest(path) or {}
+    parts = sorted(Path(path).glob("part-*-of-*")) if Path(path).is_dir() else []
+    m = read_manifest(parts[0] if parts else path) or {}
     schema = m.get("schema") or {}
     return schema.get("kind"), schema.get("version")
 

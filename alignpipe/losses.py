@@ -8,10 +8,11 @@ Weighting rule (shared by every loss, implemented once in :func:`weighted_mean`)
 
         L = sum_i w_i * l_i / max(sum_i w_i, tiny)
 
-    where ``tiny`` only turns 0/0 into 0 when every weight is 0 (then L = 0). Consequently a row with weight 0
-    is the same as an absent row, a row with weight 2 is the same (value and gradient) as the row written twice
-    with weight 1, and scaling all weights by a constant changes nothing. Batch statistics used inside a loss
-    (KTO's reference point z0) and all metrics are *weighted* means too, so the same equivalences hold for them.
+    where ``tiny`` only turns 0/0 into 0 when every weight is 0 (then L = 0). Consequently a row with
+    weight 0 is the same as an absent row, a row with weight 2 is the same (value and gradient) as the row
+    written twice with weight 1, and scaling all weights by a constant changes nothing. Batch statistics used
+    inside a loss (KTO's reference point z0) and all metrics are *weighted* means too, so the same
+    equivalences hold for them.
 
 Conventions: response 1 is the chosen / preferred / only response; ``logp`` are sums over response tokens;
 ``h = beta * [(logp1 - ref_logp1) - (logp2 - ref_logp2)]`` is the DPO implicit-reward margin.
@@ -32,7 +33,7 @@ class LossInputs:
     """Per-example quantities, all shape (B,) float tensors unless noted. Response 1 is the chosen/preferred
     (pairwise, reward) or the only response (sft, pointwise)."""
 
-    logp1: Tensor  # sum over response-1 tokens of log pi_theta(y_t | x, y_<t); for `reward`: the score r(x, y1)
+    logp1: Tensor  # sum over response-1 tokens of log pi_theta(y_t | x, y_<t); `reward`: the score r(x, y1)
     len1: Tensor  # number of response-1 tokens (float, >= 1)
     weight: Tensor  # per-example training weight, >= 0
     logp2: Tensor | None = None  # same for response 2 (rejected); None for sft/pointwise
@@ -41,7 +42,7 @@ class LossInputs:
     ref_logp2: Tensor | None = None
     label: Tensor | None = None  # bool (B,), pointwise: True = desirable (KTO)
     margin: Tensor | None = None  # (B,) reward margin for the `reward` loss (Llama-2 style), else None
-    kl_logp: Tensor | None = None  # optional: policy summed log-probs of mismatched (x, y') pairs for KTO's KL
+    kl_logp: Tensor | None = None  # optional: policy summed log-probs of mismatched (x, y') pairs (KTO KL)
     ref_kl_logp: Tensor | None = None
 
 
@@ -123,7 +124,7 @@ def sft_loss(x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
 
 
 def reward_loss(x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-    """Bradley-Terry reward-model loss (Ouyang et al. 2022), with Llama-2's optional margin (Touvron et al. 2023).
+    """Bradley-Terry reward-model loss (Ouyang et al. 2022); optional margin as in Llama 2 (Touvron 2023).
 
     l_i = -log sigmoid(r1_i - r2_i - m_i),  r = scalar scores in logp1/logp2 (B,), m = margin (B,) or 0.
     """
@@ -194,11 +195,13 @@ def slic_loss(x: LossInputs, *, delta: float = 1.0, lam: float = 0.1):
     return loss, _pair_metrics(x, loss, logp1 / x.len1, logp2 / len2)
 
 
-def kto_loss(x: LossInputs, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+def kto_loss(
+    x: LossInputs, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+):
     """KTO (Ethayarajh et al. 2024, eq. 8): pointwise prospect-theoretic loss with a batch reference point.
 
-    r_i = logp1_i - ref_logp1_i;  z0 = max(0, weighted mean of (kl_logp - ref_kl_logp))  (mismatched pairs), or
-    max(0, weighted mean of r) when no KL fields are given; z0 is detached.
+    r_i = logp1_i - ref_logp1_i;  z0 = max(0, weighted mean of (kl_logp - ref_kl_logp)) over mismatched
+    pairs, or max(0, weighted mean of r) when no KL fields are given; z0 is detached.
     desirable (label True):    l_i = lambda_D * (1 - sigmoid(beta (r_i - z0)))
     undesirable (label False): l_i = lambda_U * (1 - sigmoid(beta (z0 - r_i)))
     lambda_D = desirable_weight, lambda_U = undesirable_weight; all tensors (B,), label bool (B,).
@@ -254,8 +257,7 @@ def orpo_loss(x: LossInputs, *, lam: float = 0.1):
 # ---------------------------------------------------------------------------------------------- registry
 LOSSES: dict[str, LossSpec] = {
     "sft": LossSpec(sft_loss, "sft", False, "supervised fine-tuning (token NLL)", True),
-    "reward": LossSpec(reward_loss, "reward", False, "Ouyang et al. 2022 / Touvron et al. 2023, BT reward model",
-                       True),
+    "reward": LossSpec(reward_loss, "reward", False, "Ouyang et al. 2022, Bradley-Terry reward model", True),
     "dpo": LossSpec(dpo_loss, "pairwise", True, "Rafailov et al. 2023, DPO", True),
     "cdpo": LossSpec(cdpo_loss, "pairwise", True, "Mitchell 2023, conservative DPO", False),
     "ipo": LossSpec(ipo_loss, "pairwise", True, "Azar et al. 2023, IPO", False),
@@ -281,6 +283,6 @@ def hyperparameters(name: str) -> dict[str, float]:
 
 
 def compute_loss(name: str, x: LossInputs, **hparams) -> tuple[Tensor, dict[str, Tensor]]:
-    """Look up `name` in LOSSES and call it with the hparams it accepts (others and None values are ignored)."""
+    """Call LOSSES[name].fn with the hparams it accepts (other names and None values are ignored)."""
     spec, accepted = _spec(name), hyperparameters(name)
     return spec.fn(x, **{k: v for k, v in hparams.items() if k in accepted and v is not None})

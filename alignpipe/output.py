@@ -206,3 +206,19 @@ def map_shards(so: StageOutput, ds, fn, shard_size: int, desc: str):
             so.write_shard(i, result)
             bar.advance(len(part), result)
     return so.read_shards()
+
+
+def part_path(out: Path, num_shards: int, shard_index: int) -> Path:
+    """Where process `shard_index` of `num_shards` writes its part of a stage's output."""
+    return Path(out) / f"part-{shard_index:05d}-of-{num_shards:05d}"
+
+
+def process_shard(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
+    """(num_shards, shard_index) from the flags, else from RANK/WORLD_SIZE, else (1, 0)."""
+    if num_shards is None:
+        num_shards = int(os.environ.get("WORLD_SIZE", "1"))
+        shard_index = int(os.environ.get("RANK", "0")) if shard_index is None else shard_index
+    shard_index = shard_index or 0
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise UserError(f"--shard-index {shard_index} must be in [0, {num_shards}) and --num-shards >= 1")
+    return num_shards, shard_index

@@ -147,7 +147,7 @@ def build_causal_lm(out_dir: str | Path, tokenizer_dir: str | Path | None = None
     return _save_model(LlamaForCausalLM, _llama_config(tok), tok, out_dir, seed)
 
 
-def build_reward_model(out_dir: str | Path, tokenizer_dir: str | Path | None = None, seed: int = 0) -> Path:
+def build_reward_model(out_dir: str | Path, seed: int = 0, *, tokenizer_dir: str | Path | None = None) -> Path:
     """A random 2-layer Llama sequence classifier with one output (a scalar reward) saved in ``out_dir``."""
     from transformers import LlamaForSequenceClassification
 
@@ -199,7 +199,7 @@ def build_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     return {
         "tokenizer": out / "tokenizer",
         "policy": build_causal_lm(out / "policy", out / "tokenizer", seed=seed),
-        "reward": build_reward_model(out / "reward", out / "tokenizer", seed=seed + 1),
+        "reward": build_reward_model(out / "reward", seed=seed + 1, tokenizer_dir=out / "tokenizer"),
     }
 
 

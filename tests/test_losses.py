@@ -1,4 +1,4 @@
-"""Tests for alignpipe.losses: hand-computed values, paper-formula re-implementations, and table-wide properties."""
+"""alignpipe.losses: hand-computed values, paper-formula re-implementations, properties over the table."""
 from __future__ import annotations
 
 import math
@@ -62,17 +62,17 @@ def test_dpo_by_hand():
 
 
 def test_cdpo_by_hand():
-    def l(h):
+    def per(h):
         return 0.8 * sp(-h) + 0.2 * sp(h)
     loss, _ = compute_loss("cdpo", LossInputs(**PAIR), beta=0.5, label_smoothing=0.2)
-    assert close(loss, (l(1.0) + 3 * l(-1.0)) / 4)
+    assert close(loss, (per(1.0) + 3 * per(-1.0)) / 4)
 
 
 def test_robust_dpo_by_hand():
-    def l(h):
+    def per(h):
         return (0.8 * sp(-h) - 0.2 * sp(h)) / (1 - 2 * 0.2)
     loss, _ = compute_loss("robust-dpo", LossInputs(**PAIR), beta=0.5, label_smoothing=0.2)
-    assert close(loss, (l(1.0) + 3 * l(-1.0)) / 4)
+    assert close(loss, (per(1.0) + 3 * per(-1.0)) / 4)
     with pytest.raises(ValueError):
         compute_loss("robust-dpo", LossInputs(**PAIR), label_smoothing=0.5)
 
@@ -99,14 +99,14 @@ def test_kto_by_hand():
     z0 = (2 * 2 + 0 - 2) / 4  # weighted mean of r = 0.5 > 0
     hp = {"beta": 0.5, "desirable_weight": 1.0, "undesirable_weight": 2.0}
     loss, m = compute_loss("kto", LossInputs(**base), **hp)
-    l = [1 - sig(0.5 * (2 - z0)), 2 * (1 - sig(0.5 * (z0 - 0))), 1 - sig(0.5 * (-2 - z0))]
-    assert close(loss, (2 * l[0] + l[1] + l[2]) / 4)
+    per = [1 - sig(0.5 * (2 - z0)), 2 * (1 - sig(0.5 * (z0 - 0))), 1 - sig(0.5 * (-2 - z0))]
+    assert close(loss, (2 * per[0] + per[1] + per[2]) / 4)
     assert close(m["kl"], z0)
     # KL from mismatched pairs: weighted mean of [-1, 1, 0] = -0.25 -> clamped to z0 = 0
     kl = {"kl_logp": T(-5, -5, -5), "ref_kl_logp": T(-4, -6, -5)}
     loss, m = compute_loss("kto", LossInputs(**base, **kl), **hp)
-    l = [1 - sig(0.5 * 2), 2 * (1 - sig(0.0)), 1 - sig(0.5 * -2)]
-    assert close(loss, (2 * l[0] + l[1] + l[2]) / 4) and close(m["kl"], 0.0)
+    per = [1 - sig(0.5 * 2), 2 * (1 - sig(0.0)), 1 - sig(0.5 * -2)]
+    assert close(loss, (2 * per[0] + per[1] + per[2]) / 4) and close(m["kl"], 0.0)
 
 
 def test_simpo_by_hand():
@@ -122,8 +122,8 @@ def test_orpo_by_hand():
         return a - math.log(1 - math.exp(a))
     loss, _ = compute_loss("orpo", LossInputs(**PAIR), lam=0.5)
     a1, a2 = [-1 / 2, -3 / 1], [-4 / 1, -2 / 2]
-    l = [-a1[i] + 0.5 * sp(-(log_odds(a1[i]) - log_odds(a2[i]))) for i in range(2)]
-    assert close(loss, (l[0] + 3 * l[1]) / 4)
+    per = [-a1[i] + 0.5 * sp(-(log_odds(a1[i]) - log_odds(a2[i]))) for i in range(2)]
+    assert close(loss, (per[0] + 3 * per[1]) / 4)
 
 
 # --------------------------------------------------------------------- paper formulas on random inputs
@@ -148,7 +148,7 @@ def py(t):
 
 
 def wmean(vals, w):
-    return sum(a * b for a, b in zip(vals, w)) / sum(w)
+    return sum(a * b for a, b in zip(vals, w, strict=True)) / sum(w)
 
 
 def test_dpo_matches_paper_formula():
@@ -181,8 +181,14 @@ def test_kto_matches_paper_formula(with_kl):
     z0 = max(0.0, wmean(kl, p["weight"]))
     per = [lam_d * (1 - sig(beta * (r[i] - z0))) if p["label"][i] else lam_u * (1 - sig(beta * (z0 - r[i])))
            for i in range(16)]
-    loss, m = compute_loss("kto", LossInputs(**t), beta=beta, desirable_weight=lam_d, undesirable_weight=lam_u)
+    hp = {"beta": beta, "desirable_weight": lam_d, "undesirable_weight": lam_u}
+    loss, m = compute_loss("kto", LossInputs(**dict(t, logp1=t["logp1"].requires_grad_())), **hp)
     assert close(loss, wmean(per, p["weight"]), 1e-6) and close(m["kl"], z0, 1e-6)
+    # z0 is a detached constant: d l_i / d r_i = -lambda_D beta s(1-s) or +lambda_U beta s(1-s)
+    s = [sig(beta * (r[i] - z0) if p["label"][i] else beta * (z0 - r[i])) for i in range(16)]
+    grad = [w / sum(p["weight"]) * beta * s[i] * (1 - s[i]) * (-lam_d if p["label"][i] else lam_u)
+            for i, w in enumerate(p["weight"])]
+    assert torch.allclose(torch.autograd.grad(loss, t["logp1"])[0], T(*grad), atol=1e-10)
 
 
 def test_simpo_matches_paper_formula():
@@ -190,7 +196,8 @@ def test_simpo_matches_paper_formula():
     p, beta, gamma = py(t), 2.5, 1.4
     per = [-math.log(sig(beta / p["len1"][i] * p["logp1"][i] - beta / p["len2"][i] * p["logp2"][i] - gamma))
            for i in range(16)]
-    assert close(compute_loss("simpo", LossInputs(**t), beta=beta, gamma=gamma)[0], wmean(per, p["weight"]), 1e-6)
+    loss, _ = compute_loss("simpo", LossInputs(**t), beta=beta, gamma=gamma)
+    assert close(loss, wmean(per, p["weight"]), 1e-6)
 
 
 @pytest.mark.parametrize("name", ["cdpo", "robust-dpo"])
@@ -226,7 +233,8 @@ def same(a, b):
 
 
 def test_registry_keys_and_specs():
-    assert set(LOSSES) == {"sft", "reward", "dpo", "cdpo", "ipo", "slic", "kto", "simpo", "orpo", "robust-dpo"}
+    assert set(LOSSES) == {"sft", "reward", "dpo", "cdpo", "ipo", "slic", "kto", "simpo", "orpo",
+                           "robust-dpo"}
     for spec in LOSSES.values():
         assert spec.task in {"sft", "reward", "pointwise", "pairwise"} and spec.paper
 
@@ -325,7 +333,7 @@ def test_compute_loss_filters_hparams(name):
     x = LossInputs(**rand_fields(B=4, seed=12))
     default = compute_loss(name, x)[0]
     explicit = compute_loss(name, x, **hyperparameters(name))[0]
-    ignored = compute_loss(name, x, **{k: None for k in hyperparameters(name)}, not_a_hparam=3.0)[0]
+    ignored = compute_loss(name, x, **dict.fromkeys(hyperparameters(name)), not_a_hparam=3.0)[0]
     assert same(default, explicit) and same(default, ignored)
 
 

@@ -1,0 +1,147 @@
+"""Loading policies, reward models and tokenizers with secure defaults.
+
+- safetensors only, unless `allow_pickle=True` (a `--allow-pickle` flag) is given;
+- `trust_remote_code` off unless asked;
+- a policy is a Hugging Face model folder, or a PEFT adapter folder (adapter_config.json) on its base model;
+- every problem with a folder is a one-line UserError naming the folder and what is missing.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alignpipe.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"--dtype '{name}': unknown (known: {', '.join(DTYPES)})")
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"--device '{name}': unknown (known: cpu, cuda, auto)")
+    return name
+
+
+def is_adapter(path: Path | str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: Path | str) -> str:
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    return cfg.get("base_model_name_or_path") or ""
+
+
+def check_model_folder(path: Path | str, what: str, allow_pickle: bool = False) -> Path:
+    """Fail with one line unless `path` is a usable local model (or adapter) folder."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} {p}: no such folder")
+    if not p.is_dir():
+        raise UserError(f"{what} {p}: not a folder (expected a Hugging Face model or PEFT adapter folder)")
+    if is_adapter(p):
+        if not list(p.glob("adapter_model.safetensors")) and not (allow_pickle and list(p.glob("adapter_model.bin"))):
+            raise UserError(f"{what} {p}: adapter folder has no adapter_model.safetensors")
+        return p
+    if not (p / "config.json").is_file():
+        raise UserError(f"{what} {p}: missing config.json (not a Hugging Face model folder)")
+    if not list(p.glob("*.safetensors")):
+        if list(p.glob("*.bin")) or list(p.glob("*.pt")):
+            if not allow_pickle:
+                raise UserError(f"{what} {p}: only pickle weights (*.bin); convert to safetensors or pass "
+                                f"--allow-pickle if you trust the source")
+        else:
+            raise UserError(f"{what} {p}: no weight files (*.safetensors)")
+    return p
+
+
+def load_tokenizer(path: Path | str, chat_template: Path | None = None, padding_side: str = "left",
+                   trust_remote_code: bool = False):
+    """The tokenizer of a model/adapter folder, with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if is_adapter(p) and not (p / "tokenizer_config.json").exists():
+        p = Path(adapter_base(p))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"tokenizer {p}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
+    if chat_template is not None:
+        if not Path(chat_template).is_file():
+            raise UserError(f"--chat-template {chat_template}: no such file")
+        tok.chat_template = Path(chat_template).read_text()
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise UserError(f"tokenizer {p}: has neither a pad nor an EOS token; add one to its tokenizer_config.json")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def _from_pretrained(cls, path: Path, dtype, trust_remote_code: bool, allow_pickle: bool, what: str):
+    try:
+        return cls.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                                   use_safetensors=None if allow_pickle else True)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"{what} {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+
+
+def load_causal_lm(path: Path | str, *, dtype: str = "float32", device: str = "cpu", trust_remote_code=False,
+                   allow_pickle=False, trainable_adapter=False, what: str = "policy"):
+    """A causal LM from a model folder, or a base model with a PEFT adapter folder on it."""
+    from transformers import AutoModelForCausalLM
+
+    p = check_model_folder(path, what, allow_pickle)
+    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    if not is_adapter(p):
+        return _from_pretrained(AutoModelForCausalLM, p, torch_dtype, trust_remote_code, allow_pickle, what).to(dev)
+    base = adapter_base(p)
+    check_model_folder(base, f"{what} base (from {p}/adapter_config.json)", allow_pickle)
+    model = _from_pretrained(AutoModelForCausalLM, Path(base), torch_dtype, trust_remote_code, allow_pickle, what)
+    return attach_adapter(model, p, trainable_adapter, what).to(dev)
+
+
+def attach_adapter(model, adapter: Path, trainable: bool, what: str = "policy"):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0][:160]
+        raise UserError(f"{what} {adapter}: adapter does not fit its base model "
+                        f"{adapter_base(adapter)} ({type(e).__name__}: {msg})")
+
+
+def load_reward_model(path: Path | str, *, dtype="float32", device="cpu", trust_remote_code=False,
+                      allow_pickle=False):
+    from transformers import AutoModelForSequenceClassification
+
+    p = check_model_folder(path, "reward model", allow_pickle)
+    model = _from_pretrained(AutoModelForSequenceClassification, p, resolve_dtype(dtype), trust_remote_code,
+                             allow_pickle, "reward model")
+    if getattr(model.config, "num_labels", 1) != 1:
+        raise UserError(f"reward model {p}: has {model.config.num_labels} labels; a reward model has 1")
+    return model.to(resolve_device(device)).eval()
+
+
+def model_fingerprint(path: Path | str) -> str:
+    """Content hash of a model/adapter folder's weights and config (the manifest's when alignpipe wrote it)."""
+    from alignpipe.manifest import fingerprint_files, read_manifest
+
+    m = read_manifest(Path(path))
+    if m and m.get("fingerprint"):
+        return m["fingerprint"]
+    return fingerprint_files(Path(path), patterns=("*.safetensors", "config.json", "adapter_config.json"))
