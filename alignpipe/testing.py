@@ -102,19 +102,19 @@ def _load_tokenizer(tokenizer_dir: str | Path | None):
 def _llama_config(tok, **overrides):
     from transformers import LlamaConfig
 
-    kw = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_LENGTH,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    kw = {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": MAX_LENGTH,
+        "tie_word_embeddings": True,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
     kw.update(overrides)
     return LlamaConfig(**kw)
 
@@ -147,7 +147,9 @@ def build_causal_lm(out_dir: str | Path, tokenizer_dir: str | Path | None = None
     return _save_model(LlamaForCausalLM, _llama_config(tok), tok, out_dir, seed)
 
 
-def build_reward_model(out_dir: str | Path, seed: int = 0, *, tokenizer_dir: str | Path | None = None) -> Path:
+def build_reward_model(
+    out_dir: str | Path, seed: int = 0, *, tokenizer_dir: str | Path | None = None
+) -> Path:
     """A random 2-layer Llama sequence classifier with one output (a scalar reward) saved in ``out_dir``."""
     from transformers import LlamaForSequenceClassification
 
@@ -160,9 +162,9 @@ def _copy_model_files(model_dir: str | Path | None, out: Path) -> None:
     if model_dir is None:
         return
     for path in Path(model_dir).iterdir():
-        if path.is_file() and (path.suffix == ".safetensors" or path.name.endswith("config.json")):
-            if path.name != "tokenizer_config.json":
-                shutil.copy2(path, out / path.name)
+        weights_or_config = path.suffix == ".safetensors" or path.name.endswith("config.json")
+        if path.is_file() and weights_or_config and path.name != "tokenizer_config.json":
+            shutil.copy2(path, out / path.name)
 
 
 def build_tokenizer_without_pad(out_dir: str | Path, model_dir: str | Path | None = None) -> Path:

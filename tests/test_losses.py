@@ -24,6 +24,7 @@ def sig(z):
 
 
 def close(a, b, tol=1e-10):
+    a, b = (v.detach() if torch.is_tensor(v) else v for v in (a, b))
     return abs(float(a) - float(b)) <= tol
 
 
@@ -143,7 +144,7 @@ def rand_fields(B=16, seed=0):
     }
 
 
-def py(t):
+def py(t):  # tensors -> python lists, for the independent per-element re-implementations
     return {k: v.tolist() for k, v in t.items()}
 
 
@@ -173,12 +174,16 @@ def test_ipo_matches_paper_formula(length_normalize):
 @pytest.mark.parametrize("with_kl", [False, True])
 def test_kto_matches_paper_formula(with_kl):
     t = rand_fields(seed=3)
-    if not with_kl:
+    if with_kl:  # shift references so that z0 > 0 (not clamped) and gradients could flow through it
+        t["ref_kl_logp"], t["kl_logp"] = t["ref_kl_logp"] - 5.0, t["kl_logp"].requires_grad_()
+    else:  # z0 from r itself
         t["kl_logp"] = t["ref_kl_logp"] = None
+        t["ref_logp1"] = t["ref_logp1"] - 2.0
     p, beta, lam_d, lam_u = py({k: v for k, v in t.items() if v is not None}), 0.2, 1.3, 0.7
     r = [p["logp1"][i] - p["ref_logp1"][i] for i in range(16)]
     kl = [p["kl_logp"][i] - p["ref_kl_logp"][i] for i in range(16)] if with_kl else r
     z0 = max(0.0, wmean(kl, p["weight"]))
+    assert z0 > 0
     per = [lam_d * (1 - sig(beta * (r[i] - z0))) if p["label"][i] else lam_u * (1 - sig(beta * (z0 - r[i])))
            for i in range(16)]
     hp = {"beta": beta, "desirable_weight": lam_d, "undesirable_weight": lam_u}
@@ -188,7 +193,8 @@ def test_kto_matches_paper_formula(with_kl):
     s = [sig(beta * (r[i] - z0) if p["label"][i] else beta * (z0 - r[i])) for i in range(16)]
     grad = [w / sum(p["weight"]) * beta * s[i] * (1 - s[i]) * (-lam_d if p["label"][i] else lam_u)
             for i, w in enumerate(p["weight"])]
-    assert torch.allclose(torch.autograd.grad(loss, t["logp1"])[0], T(*grad), atol=1e-10)
+    g = torch.autograd.grad(loss, [t["logp1"], t["kl_logp"]] if with_kl else [t["logp1"]], allow_unused=True)
+    assert torch.allclose(g[0], T(*grad), atol=1e-10) and (not with_kl or g[1] is None or (g[1] == 0).all())
 
 
 def test_simpo_matches_paper_formula():
@@ -211,6 +217,7 @@ def test_label_smoothing_zero_is_dpo(name):
 
 # ------------------------------------------------------------------- properties over the whole table
 NAMES = sorted(LOSSES)
+same = lambda a, b: torch.allclose(a, b, atol=1e-10, rtol=1e-9)
 REQUIRED_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
                     "logps/chosen", "logps/rejected"}
 
@@ -226,10 +233,6 @@ def run(name, t, idx=None, weight=None, **hp):
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     grads = [torch.zeros_like(t["logp1"]) if g is None else g for g in grads]
     return loss.detach(), torch.cat(grads), metrics
-
-
-def same(a, b):
-    return torch.allclose(a, b, atol=1e-10, rtol=1e-9)
 
 
 def test_registry_keys_and_specs():
@@ -335,11 +338,9 @@ def test_compute_loss_filters_hparams(name):
     explicit = compute_loss(name, x, **hyperparameters(name))[0]
     ignored = compute_loss(name, x, **dict.fromkeys(hyperparameters(name)), not_a_hparam=3.0)[0]
     assert same(default, explicit) and same(default, ignored)
-
-
-def test_hparams_are_passed_through():
-    x = LossInputs(**PAIR)
-    assert not same(compute_loss("dpo", x, beta=0.5)[0], compute_loss("dpo", x)[0])
+    if hyperparameters(name):  # and a real change of the first hparam is passed through
+        k, v = next(iter(hyperparameters(name).items()))
+        assert not same(default, compute_loss(name, x, **{k: (not v) if isinstance(v, bool) else v * 0.5})[0])
 
 
 def test_weighted_mean_helper():

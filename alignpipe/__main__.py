@@ -1,0 +1,3 @@
+from alignpipe.cli import app
+
+app(prog_name="alignpipe")

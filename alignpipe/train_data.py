@@ -1,0 +1,201 @@
+"""The batches dataset as training micro-batches: groups by `batch_index`, checks, rank slices, tensors.
+
+One optimisation step consumes one stored `batch_index` group (or `--grad-accum` consecutive groups);
+build-batches decides what goes into a group. Under several processes, rank r takes the examples
+r::world of every group, so the processes together see exactly the global batch of one process.
+
+Per-example weight: `response1_weight` for sft and pointwise rows; for pairs (pairwise, reward) the mean of
+`response1_weight` and `response2_weight` (the weighted schema's rule: a pair's weight is the mean of both).
+
+Pairs go through the model in ONE forward: the collated sequences are the B chosen rows followed by the B
+rejected rows (2B sequences), built with `alignpipe.logprobs.collate`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignpipe.errors import UserError
+
+TASKS = ("sft", "reward", "pointwise", "pairwise")
+PAIRED = ("reward", "pairwise")
+
+
+def task_of(kind: str) -> str:
+    """'batches-pairwise' -> 'pairwise'."""
+    return kind.removeprefix("batches-")
+
+
+def _columns(task: str, stored_reference: bool) -> list[str]:
+    cols = ["example_id", "batch_index", "prompt_input_ids", "response1_input_ids", "response1_weight"]
+    if task in PAIRED:
+        cols += ["response2_input_ids", "response2_weight"]
+    if task == "reward":
+        cols.append("margin")
+    if task == "pointwise":
+        cols.append("response1_label")
+    if stored_reference:
+        cols += ["response1_ref_logp"] + (["response2_ref_logp"] if task == "pairwise" else [])
+    return cols
+
+
+def batch_groups(ds) -> list[tuple[int, list[int]]]:
+    """(batch_index, row indices) of each group, in ascending batch_index, rows in stored order."""
+    groups: dict[int, list[int]] = {}
+    for row, b in enumerate(ds.with_format("arrow")[:]["batch_index"].to_pylist()):
+        groups.setdefault(int(b), []).append(row)
+    return [(b, groups[b]) for b in sorted(groups)]
+
+
+def _ref_columns(task: str) -> list[str]:
+    return {"pointwise": ["response1_ref_logp"], "pairwise": ["response1_ref_logp", "response2_ref_logp"]}.get(task, [])
+
+
+def _arrow(ds):
+    return ds.with_format("arrow")[:]
+
+
+def stored_reference_state(ds, task: str, where: str) -> str:
+    """'all' when every row carries its reference log-probs, 'none' when no row does; a mix is an error."""
+    import numpy as np
+
+    cols = _ref_columns(task)
+    if not cols:
+        return "none"
+    table = _arrow(ds.select_columns(cols))
+    present = np.logical_and.reduce([~table[c].is_null().to_numpy(zero_copy_only=False) for c in cols])
+    if present.all():
+        return "all"
+    if not present.any():
+        return "none"
+    raise UserError(f"{where} row {int(np.argmin(present))}: reference log-probs are null here but cached in "
+                    f"other rows (partially cached batches); rebuild them with `alignpipe build-batches`, or "
+                    f"pass --reference MODEL to recompute all of them live")
+
+
+def _first_bad(ok, where: str, message: str) -> None:
+    import numpy as np
+
+    if not ok.all():
+        raise UserError(f"{where} row {int(np.argmin(ok))}: {message}")
+
+
+def check_rows(ds, task: str, where: str, vocab_size: int, stored_reference: bool) -> None:
+    """One-line UserError naming the first row with an unusable weight, label, reference or token id."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = _arrow(ds.select_columns(_columns(task, stored_reference)))
+
+    def floats(c):
+        return table[c].to_numpy(zero_copy_only=False).astype(float)  # nulls become nan
+
+    for c in ("response1_weight", "response2_weight"):
+        if c in table.column_names:
+            w = floats(c)
+            _first_bad(np.isfinite(w) & (w >= 0), where, f"column '{c}' must be a finite number >= 0")
+    for c in (_ref_columns(task) if stored_reference else []) + (["margin"] if task == "reward" else []):
+        _first_bad(np.isfinite(floats(c)), where, f"column '{c}' must be a finite number")
+    if task == "pointwise":
+        _first_bad(~table["response1_label"].is_null().to_numpy(zero_copy_only=False), where,
+                   "column 'response1_label' is null; KTO needs desirable/undesirable labels")
+    ids = ["prompt_input_ids", "response1_input_ids"] + (["response2_input_ids"] if task in PAIRED else [])
+    for c in ids[1:]:
+        lengths = pc.list_value_length(table[c]).to_numpy(zero_copy_only=False)
+        _first_bad(lengths > 0, where, f"column '{c}' is empty; every response needs at least one token")
+    for c in ids:
+        top = pc.max(pc.list_flatten(table[c])).as_py()
+        if top is not None and top >= vocab_size:
+            raise UserError(f"{where}: column '{c}' holds token id {top} >= the policy's vocabulary size "
+                            f"{vocab_size}; the batches were built with another tokenizer")
+
+
+def read_group(ds, rows: list[int], task: str, stored_reference: bool) -> dict[str, list]:
+    """The columns train needs, for the given rows, as a dict of lists."""
+    return ds.select_columns(_columns(task, stored_reference))[rows]
+
+
+def rank_slice(group: dict[str, list], rank: int, world: int) -> dict[str, list]:
+    """Rank r's examples r::world of a global batch; an empty slice becomes one copy of the first
+    example with weight 0 (so every rank runs the same collective ops and contributes nothing)."""
+    n = len(group["example_id"])
+    part = {k: v[rank::world] for k, v in group.items()}
+    if rank < n:
+        return part
+    pad = {k: v[:1] for k, v in group.items()}
+    for c in ("response1_weight", "response2_weight"):
+        if c in pad:
+            pad[c] = [0.0]
+    return pad
+
+
+def example_weights(group: dict[str, list], task: str) -> list[float]:
+    w1 = group["response1_weight"]
+    if task in PAIRED:
+        return [(a + b) / 2 for a, b in zip(w1, group["response2_weight"])]
+    return list(w1)
+
+
+@dataclass
+class Batch:
+    """One micro-batch as tensors. Sequences: B rows (sft, pointwise) or 2B rows (chosen then rejected)."""
+
+    input_ids: object  # (N, T) long, right-padded prompt + response
+    attention_mask: object  # (N, T) long
+    response_mask: object  # (N, T) bool, True at response tokens
+    weight: object  # (B,) float32
+    label: object = None  # (B,) bool, pointwise
+    margin: object = None  # (B,) float32, reward
+    ref1: object = None  # (B,) float32 stored reference log-probs of response 1
+    ref2: object = None
+    num_examples: int = 0  # real examples (weight-0 padding of an empty rank slice excluded)
+    num_tokens: int = 0  # non-pad tokens in the forward
+
+    @property
+    def paired(self) -> bool:
+        return self.input_ids.shape[0] == 2 * self.weight.shape[0]
+
+
+def collate_group(group: dict[str, list], task: str, pad_id: int, device, real: bool = True) -> Batch:
+    """Tensors of one micro-batch; pairs concatenated (chosen rows, then rejected rows) for one forward."""
+    import torch
+
+    from alignpipe.logprobs import collate
+
+    prompts, responses = list(group["prompt_input_ids"]), list(group["response1_input_ids"])
+    if task in PAIRED:
+        prompts, responses = prompts + prompts, responses + list(group["response2_input_ids"])
+    t = collate(prompts, responses, pad_id, device)
+
+    def f32(values):
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    batch = Batch(t["input_ids"], t["attention_mask"], t["response_mask"], f32(example_weights(group, task)),
+                  num_examples=len(group["example_id"]) if real else 0, num_tokens=int(t["attention_mask"].sum()))
+    if task == "pointwise":
+        batch.label = torch.tensor(group["response1_label"], dtype=torch.bool, device=device)
+    if task == "reward":
+        batch.margin = f32(group["margin"])
+    if "response1_ref_logp" in group:
+        batch.ref1 = f32(group["response1_ref_logp"])
+        if "response2_ref_logp" in group:
+            batch.ref2 = f32(group["response2_ref_logp"])
+    return batch
+
+
+def micro_batches(ds, groups: list[tuple[int, list[int]]], task: str, stored_reference: bool, pad_id: int,
+                  device, rank: int = 0, world: int = 1) -> tuple[list[Batch], float, int]:
+    """This rank's micro-batches of one optimisation step, the step's GLOBAL weight sum and example count."""
+    out, total_w, total_n = [], 0.0, 0
+    for _, rows in groups:
+        group = read_group(ds, rows, task, stored_reference)
+        total_w += sum(example_weights(group, task))
+        total_n += len(rows)
+        part = rank_slice(group, rank, world)
+        out.append(collate_group(part, task, pad_id, device, real=rank < len(rows)))
+    return out, total_w, total_n
+
+
+def describe(path: Path, ds, groups: list[tuple[int, list[int]]]) -> str:
+    sizes = [len(rows) for _, rows in groups]
+    return f"{path}: {len(ds)} examples in {len(groups)} batches (sizes {min(sizes)}..{max(sizes)})"

@@ -1,0 +1,227 @@
+"""build-batches: feedback -> tokenised, truncated, length-grouped training batches (the batch contract).
+
+    alignpipe build-batches WEIGHTED... --task sft|reward|pointwise|pairwise --tokenizer MODEL --out BATCHES
+
+Inputs: `weighted` (reweight) or `annotations` (annotate/import; every weight 1); for `--task sft` also
+`prompts` with a `reference` (train split only) and `generations`. Several inputs are concatenated, or
+mixed with `--mix 0.5,0.3,0.2` (replay of earlier iterations; see `alignpipe.batching.mix`).
+Output: `batches-<task>`, one row per example, unpadded, in batch order with its `batch_index`, so `train`
+reads batches in order and resumes by index. Tasks: `alignpipe.tasks`; tokenisation, truncation and batch
+composition: `alignpipe.batching`. `--reference MODEL` (pointwise, pairwise) stores each response's summed
+log-probs under the reference model, computed in resumable shards, so `train` needs no reference in memory.
+
+Bad input: an empty prompt, a NaN/negative weight, a non-finite reward, a preference outside [0, 1],
+mismatched pair ids and a task that needs rewards on data without them are errors naming the row and column;
+empty responses and ties are dropped and counted in the manifest's report.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say, up_to_date_message
+from alignpipe.errors import UserError
+from alignpipe.tasks import TASKS
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    batch_size: int | None = 8  # examples per batch, or None with max_tokens_per_batch
+    max_tokens_per_batch: int | None = None  # budget on the padded size (sequences x longest)
+    group_by_length: bool = True
+    group_size: int = 50  # batches per length-sorted chunk
+    seed: int = 0
+    use_chat_template: bool = True
+    mix: tuple[float, ...] | None = None  # proportions, one per input
+    num_examples: int | None = None  # total when mixing (default: the most that needs no repeats)
+    pairs: str = "best-worst"
+    threshold: str = "median"
+
+
+# ------------------------------------------------------------------------------------------- pure core
+def _output_row(ex: dict, batch_index: int, kind: str) -> dict:
+    import schemas
+
+    row = {}
+    for col in schemas.columns(kind):
+        name = col.name
+        if name == "batch_index":
+            row[name] = batch_index
+        elif name.endswith("_attention_mask"):
+            row[name] = [1] * len(ex[name.replace("_attention_mask", "_input_ids")])
+        else:
+            row[name] = ex.get(name)  # reference log-probs stay null until cached
+    return row
+
+
+def build_batches(inputs: list[tuple], tokenizer, task: str, opts: BatchOptions):
+    """(dataset of kind batches-<task>, report) from [(dataset, kind, name)] inputs."""
+    from datasets import Dataset
+
+    import schemas
+    from alignpipe import batching, tasks
+
+    spec = tasks.task(task)
+    batching.check_lengths(opts.max_length, opts.max_prompt_length)
+    topts = tasks.TaskOptions(pairs=opts.pairs, threshold=opts.threshold, seed=opts.seed)
+    parts, report = [], {"task": task, "inputs": []}
+    for ds, kind, where in inputs:
+        examples, counts = tasks.make_examples(ds, kind, spec, where, topts)
+        parts.append(examples)
+        report["inputs"].append({"path": where, "kind": kind, "rows": len(ds), "examples": len(examples), **counts})
+    examples, taken = batching.mix(parts, list(opts.mix) if opts.mix else None, opts.num_examples, opts.seed)
+    if opts.mix:
+        report["mix"] = {"proportions": list(opts.mix), "taken": taken}
+    if not examples:
+        raise UserError(f"no {task} examples left from the inputs (counts: {report['inputs']})")
+    counts: Counter = Counter()
+    batching.tokenise(examples, tokenizer, num_responses=spec.num_responses, max_length=opts.max_length,
+                      max_prompt_length=opts.max_prompt_length, use_chat_template=opts.use_chat_template,
+                      counts=counts)
+    lengths = [batching.sequence_lengths(ex, spec.num_responses) for ex in examples]
+    batches = batching.make_batches(lengths, batch_size=opts.batch_size, max_tokens=opts.max_tokens_per_batch,
+                                    group_by_length=opts.group_by_length, group_size=opts.group_size,
+                                    seed=opts.seed)
+    baseline = batching.random_batches([len(b) for b in batches], opts.seed)
+    rows = [_output_row(examples[i], b, spec.kind) for b, batch in enumerate(batches) for i in batch]
+    report.update({
+        "examples": len(rows), "batches": len(batches), "prompts_truncated": counts["prompts_truncated"],
+        "responses_truncated": counts["responses_truncated"],
+        "padding_fraction": round(batching.padding_fraction(batches, lengths), 6),
+        "padding_fraction_random": round(batching.padding_fraction(baseline, lengths), 6),
+        "tokens": sum(map(sum, lengths)), "max_padded_tokens": batching.padded_tokens(batches[0], lengths),
+    })
+    return Dataset.from_list(rows, features=schemas.features(spec.kind)), report
+
+
+def reference_logps(part, model, *, pad_id: int, num_responses: int, batch_size: int = 16, device="cpu"):
+    """`part` with `response{k}_ref_logp` = summed log-probs of each response under `model`."""
+    from datasets import Value
+
+    from alignpipe import logprobs
+
+    n = len(part)
+    prompts = list(part["prompt_input_ids"]) * num_responses
+    responses = [ids for k in range(1, num_responses + 1) for ids in part[f"response{k}_input_ids"]]
+    scores = logprobs.score_responses(model, prompts, responses, pad_id, batch_size, device)
+    for k in range(1, num_responses + 1):
+        col = f"response{k}_ref_logp"
+        part = part.remove_columns(col).add_column(col, scores[(k - 1) * n: k * n], feature=Value("float64"))
+    return part
+
+
+# --------------------------------------------------------------------------------------------- command
+def _check_vocab(ds, model, num_responses: int, reference: Path) -> None:
+    size = model.get_input_embeddings().num_embeddings
+    cols = ["prompt_input_ids"] + [f"response{k}_input_ids" for k in range(1, num_responses + 1)]
+    top = max(max(ids, default=0) for c in cols for ids in ds[c])
+    if top >= size:
+        raise UserError(f"--reference {reference}: has {size} token embeddings but the tokenizer produced id {top}; "
+                        f"use the reference model's tokenizer")
+
+
+def _options(batch_size, max_tokens_per_batch, mix, num_inputs, **kw) -> BatchOptions:
+    from alignpipe import batching
+
+    if batch_size is not None and max_tokens_per_batch is not None:
+        raise UserError("give --batch-size or --max-tokens-per-batch, not both")
+    for name, v in (("--batch-size", batch_size), ("--max-tokens-per-batch", max_tokens_per_batch),
+                    ("--group-size", kw["group_size"]), ("--num-examples", kw["num_examples"]),
+                    ("--batch-size-ref", kw.pop("batch_size_ref")), ("--shard-size", kw.pop("shard_size"))):
+        if v is not None and v < 1:
+            raise UserError(f"{name} {v}: must be >= 1")
+    if kw["num_examples"] is not None and mix is None:
+        raise UserError("--num-examples needs --mix (the proportions to split it by)")
+    props = batching.parse_mix(mix, num_inputs)
+    return BatchOptions(batch_size=None if max_tokens_per_batch else (batch_size or 8),
+                        max_tokens_per_batch=max_tokens_per_batch, mix=tuple(props) if props else None, **kw)
+
+
+@handle_errors
+def command(
+    ctx: typer.Context,
+    inputs: Annotated[list[Path], typer.Argument(help="weighted or annotations datasets (sft: also prompts, "
+                                                      "generations).", show_default=False)],
+    out: OutOpt,
+    task: Annotated[str, typer.Option(help=" | ".join(f"{k}: {v.doc}" for k, v in TASKS.items()))] = "pairwise",
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Model/tokenizer folder (default: --reference).")] = None,
+    chat_template: Annotated[Optional[Path], typer.Option(help="Jinja chat template file overriding the "
+                                                               "tokenizer's.")] = None,
+    no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="Plain prompts as raw text "
+                                                   "(conversations still use the template).")] = False,
+    max_length: Annotated[int, typer.Option(help="Max prompt + response tokens.")] = 1024,
+    max_prompt_length: Annotated[int, typer.Option(help="Max prompt tokens (cut from the left).")] = 512,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per batch [default: 8].")] = None,
+    max_tokens_per_batch: Annotated[Optional[int], typer.Option(help="Token budget per batch on the padded size "
+                                                                     "(instead of --batch-size).")] = None,
+    group_by_length: Annotated[bool, typer.Option(help="Group similar lengths to cut padding.")] = True,
+    group_size: Annotated[int, typer.Option(help="Batches per length-sorted chunk.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of shuffling, pairing and mixing.")] = 0,
+    mix: Annotated[Optional[str], typer.Option(help="Proportions per input, e.g. 0.5,0.3,0.2.")] = None,
+    num_examples: Annotated[Optional[int], typer.Option(help="Examples in all with --mix [default: the most "
+                                                             "that repeats none].")] = None,
+    pairs: Annotated[str, typer.Option(help="Pairing of generations of one prompt: best-worst | random | all | "
+                                            "margin:X.")] = "best-worst",
+    threshold: Annotated[str, typer.Option(help="pointwise: reward above = desirable: median | mean | VALUE.")]
+    = "median",
+    reference: Annotated[Optional[Path], typer.Option(help="Reference model (folder or adapter): cache its "
+                                                           "log-probs (pointwise, pairwise).")] = None,
+    dtype: Annotated[str, typer.Option(help="Reference dtype: float32 | bfloat16 | float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
+    batch_size_ref: Annotated[int, typer.Option(help="Sequences per reference forward.")] = 16,
+    shard_size: Annotated[int, typer.Option(help="Examples per resumable reference shard.")] = 512,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+):
+    """Tokenise, truncate, pair and batch feedback into training examples; optionally cache reference log-probs."""
+    from alignpipe import tasks
+    from alignpipe.io import read_input
+    from alignpipe.models import load_causal_lm, load_tokenizer
+    from alignpipe.output import StageOutput, map_shards
+
+    spec = tasks.task(task)
+    tasks.parse_pairs(pairs)
+    tasks.parse_threshold(threshold)
+    if reference is not None and spec.kind not in ("batches-pointwise", "batches-pairwise"):
+        raise UserError(f"--reference: {spec.kind} has no reference log-prob columns (pointwise, pairwise have)")
+    if tokenizer is None and reference is None:
+        raise UserError("--tokenizer MODEL is needed (or --reference MODEL, whose tokenizer is then used)")
+    opts = _options(batch_size, max_tokens_per_batch, mix, len(inputs), max_length=max_length,
+                    max_prompt_length=max_prompt_length, group_by_length=group_by_length, group_size=group_size,
+                    seed=seed, use_chat_template=not no_chat_template, num_examples=num_examples, pairs=pairs,
+                    threshold=threshold, batch_size_ref=batch_size_ref, shard_size=shard_size)
+    data = [(*read_input(p, spec.input_kinds, stage="build-batches"), str(p)) for p in inputs]
+    tok_path = tokenizer or reference
+    models = [tok_path] + ([reference] if reference is not None and reference != tok_path else [])
+    so = StageOutput(out, stage="build-batches", kind=spec.kind, config=resolved_config(ctx),
+                     inputs=list(inputs) + models, force=force)
+    if so.up_to_date():
+        return up_to_date_message("build-batches", out)
+    tok = load_tokenizer(tok_path, chat_template=chat_template)
+    with so:
+        ds, so.report = build_batches(data, tok, task, opts)
+        if reference is not None:
+            model = load_causal_lm(reference, dtype=dtype, device=device, what="reference model").eval()
+            _check_vocab(ds, model, spec.num_responses, reference)
+            dev = next(model.parameters()).device
+
+            def shard(part, index):
+                return reference_logps(part, model, pad_id=tok.pad_token_id, num_responses=spec.num_responses,
+                                       batch_size=batch_size_ref, device=dev)
+
+            ds = map_shards(so, ds, shard, shard_size, "reference log-probs")
+        so.finish(ds)
+    r = so.report
+    say(f"build-batches: {r['examples']} {task} examples in {r['batches']} batches -> {out}")
+    say(f"padding: {r['padding_fraction']:.1%} length-grouped vs {r['padding_fraction_random']:.1%} random batching; "
+        f"truncated: {r['prompts_truncated']} prompts, {r['responses_truncated']} responses")
+    for info in r["inputs"]:
+        dropped = {k: v for k, v in info.items() if k not in ("path", "kind", "rows", "examples")}
+        say(f"  {info['path']}: {info['rows']} {info['kind']} rows -> {info['examples']} examples"
+            + (f" ({', '.join(f'{k} {v}' for k, v in dropped.items())})" if dropped else ""))
