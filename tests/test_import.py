@@ -128,3 +128,16 @@ def test_unknown_format_and_file_type(tmp_path):
     assert "unknown (known: auto" in _import(src, tmp_path / "o", "--format", "nope").output
     (tmp_path / "x.xlsx").write_text("x")
     assert "unknown file type '.xlsx'" in _import(tmp_path / "x.xlsx", tmp_path / "o").output
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "jsonl"])
+def test_export_round_trips_through_import(suffix, tmp_path):
+    src = _jsonl(tmp_path / "in.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}])
+    assert _import(src, tmp_path / "ann").exit_code == 0
+    result = runner.invoke(app, ["export", str(tmp_path / "ann"), "--to", str(tmp_path / f"x.{suffix}")])
+    assert result.exit_code == 0, result.output
+    from datasets import Dataset
+
+    back = Dataset.from_parquet(str(tmp_path / "x.parquet")) if suffix == "parquet" else \
+        Dataset.from_json(str(tmp_path / "x.jsonl"))
+    assert back["response1"] == ["a"] and back["response2"] == ["b"]

@@ -1,0 +1,241 @@
+"""reweight: give every response a training weight (annotations -> weighted), the SampleReweighter.
+
+    alignpipe reweight ANNOTATIONS --strategy margin:temperature=2 --strategy recency:decay=0.5 \\
+        --combine product --clip 0.1,10 --normalize mean --drop-below 0.05 --out WEIGHTED
+
+The strategies, their formulas and the order of post-processing live in `alignpipe.weights`. This module
+holds the pure cores (`current_logps`: the importance strategy's forward pass; `reweight`: strategies ->
+combine -> clip -> normalise -> drop, plus the report) and the thin command.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from alignpipe import weights as W
+from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say, up_to_date_message
+from alignpipe.errors import UserError
+
+SHARD_ROWS = 512  # rows per checkpointed shard of the importance forward pass
+
+
+# ------------------------------------------------------------------------------------------------ cores
+def current_logps(ds, model, tokenizer, *, batch_size: int = 16, device="cpu") -> tuple[list, list]:
+    """Summed log-probs of each row's responses under `model` (None for response 2 of pointwise rows).
+
+    The prompt is rendered as generate renders it (`alignpipe.prompting`); the response is re-encoded from
+    its text, plus EOS when response{k}_num_tokens is exactly one more than the re-encoded length (the EOS
+    that generate counted). Generate's own token ids would be exact; re-encoding is exact only when the
+    text round-trips through the tokenizer."""
+    from alignpipe.logprobs import score_responses
+    from alignpipe.prompting import encode, render_prompt
+
+    prompts, responses, slots = [], [], []
+    eos = tokenizer.eos_token_id
+    for i, row in enumerate(ds):
+        prompt = encode(tokenizer, render_prompt(tokenizer, row["prompt"], row["messages"],
+                                                 where=f"prompt {row['prompt_id']!r}"))
+        for k in (1, 2):
+            if row[f"response{k}"] is None:
+                continue
+            ids = encode(tokenizer, row[f"response{k}"])
+            if eos is not None and row[f"response{k}_num_tokens"] == len(ids) + 1:
+                ids = ids + [eos]
+            prompts.append(prompt)
+            responses.append(ids)
+            slots.append((i, k))
+    scores = score_responses(model, prompts, responses, tokenizer.pad_token_id, batch_size, device)
+    out: dict[int, list] = {1: [None] * len(ds), 2: [None] * len(ds)}
+    for (i, k), s in zip(slots, scores):
+        out[k][i] = s
+    return out[1], out[2]
+
+
+def check(t: dict, specs: list[W.Spec]) -> None:
+    """Cheap checks of the rows against the data and every strategy (before any forward pass)."""
+    W.validate_table(t)
+    for s in specs:
+        W.check_rows(s.name, t)
+
+
+def _summary(values: list) -> dict:
+    from stages.inspect_data import weight_summary
+
+    w = [v for v in values if v is not None]
+    return {"mean": math.fsum(w) / len(w), "min": min(w), "max": max(w), "ess": weight_summary(w)["ess"]}
+
+
+def reweight(ds, specs: list[W.Spec], *, combine: str = "product", clip: tuple = (None, None),
+             normalize: str = "none", drop_below: float | None = None, current: tuple | None = None,
+             where: str = "input"):
+    """Pure core: annotations -> (weighted dataset, report).
+
+    `current` = (current_logp1, current_logp2) from `current_logps`, needed by importance strategies.
+    Report: ess / ess_fraction / weight_mean / weight_min / weight_max over the example weights of the kept
+    rows (a pair's = mean of its two), dropped rows, and per strategy the mean, min, max and ESS of its
+    per-response weights (`importance_ess` repeats the importance strategy's)."""
+    t = ds.to_dict()
+    if current is not None:
+        t["current_logp1"], t["current_logp2"] = list(current[0]), list(current[1])
+    try:
+        check(t, specs)
+        per = {str(s): W.run_strategy(s, t) for s in specs}
+        w = W.combine(list(per.values()), combine)
+        W.check_weights(w, t, f"--combine {combine}")
+    except UserError as e:
+        raise UserError(f"{where}: {e}" if str(e).startswith("row ") else str(e)) from None
+    w, zero = W.normalize(W.clip(w, *clip), normalize, t["prompt_id"])
+    keep = W.keep_rows(w, drop_below)
+    if not keep:
+        raise UserError(f"--drop-below {drop_below}: every one of the {len(ds)} rows is below it; nothing is left")
+    out = ds.add_column("response1_weight", w[0]).add_column("response2_weight", w[1])
+    if len(keep) < len(ds):
+        out = out.select(keep)
+    report = _report(specs, per, [w[0][i] for i in keep], [w[1][i] for i in keep], len(ds), zero)
+    report.update(combine=combine, clip=list(clip), normalize=normalize, drop_below=drop_below)
+    return out, report
+
+
+def _report(specs, per: dict, w1: list, w2: list, rows_in: int, zero_prompts: int) -> dict:
+    from stages.inspect_data import weight_summary
+
+    ex = W.example_weights((w1, w2))
+    final = weight_summary(ex)
+    report = {"strategies": [str(s) for s in specs], "rows_in": rows_in, "rows_out": len(ex),
+              "dropped": rows_in - len(ex), "weight_mean": math.fsum(ex) / len(ex), "weight_min": min(ex),
+              "weight_max": max(ex), "ess": final["ess"], "ess_fraction": final["ess_fraction"],
+              "zero_weight_prompts": zero_prompts,
+              "per_strategy": {name: _summary(r[0] + r[1]) for name, r in per.items()}}
+    importance = [str(s) for s in specs if s.name == "importance"]
+    if importance:
+        report["importance_ess"] = report["per_strategy"][importance[0]]["ess"]
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- command
+def parse_clip(text: str | None) -> tuple[float | None, float | None]:
+    """`LO,HI` (either may be empty: open) -> (lo, hi)."""
+    if text is None:
+        return None, None
+    parts = text.split(",")
+    try:
+        lo, hi = (float(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise UserError(f"--clip '{text}': expected LO,HI, two numbers (either may be empty), e.g. 0.1,10")
+    if any(v is not None and not math.isfinite(v) for v in (lo, hi)) or (lo is not None and lo < 0) or (
+            lo is not None and hi is not None and lo > hi):
+        raise UserError(f"--clip '{text}': need finite 0 <= LO <= HI")
+    return lo, hi
+
+
+def _check_options(specs, combine: str, normalize: str, drop_below: float | None) -> list[str]:
+    """Fail on bad options before reading anything; return the importance policy folder (at most one)."""
+    if not specs:
+        raise UserError(f"give at least one --strategy NAME[:k=v,...] (known: {', '.join(W.STRATEGIES)})")
+    if combine not in W.COMBINE:
+        raise UserError(f"--combine '{combine}': unknown (known: {', '.join(W.COMBINE)})")
+    if normalize not in W.NORMALIZE:
+        raise UserError(f"--normalize '{normalize}': unknown (known: {', '.join(W.NORMALIZE)})")
+    if drop_below is not None and not (math.isfinite(drop_below) and drop_below >= 0):
+        raise UserError(f"--drop-below {drop_below}: must be a finite number >= 0")
+    policies = sorted({s.params["policy"] for s in specs if W.STRATEGIES[s.name].forward})
+    if len(policies) > 1:
+        raise UserError(f"--strategy importance: one current policy per run, found {', '.join(policies)}")
+    return policies
+
+
+def _function_files(specs) -> list[Path]:
+    """Source files of user functions, so that editing one makes the output out of date."""
+    files = []
+    for s in specs:
+        if s.name == "function":
+            module = sys.modules.get(s.params["target"].partition(":")[0])
+            if getattr(module, "__file__", None):
+                files.append(Path(module.__file__))
+    return files
+
+
+def _forward(so, ds, policy: str, *, device: str, dtype: str, batch_size: int) -> tuple[list, list]:
+    """The importance forward pass over checkpointed shards (a killed run resumes)."""
+    from datasets import Dataset, Features, Value
+
+    from alignpipe.models import load_causal_lm, load_tokenizer
+    from alignpipe.output import map_shards
+
+    model = load_causal_lm(policy, dtype=dtype, device=device, what="importance policy")
+    tok = load_tokenizer(policy)
+    features = Features({"current_logp1": Value("float64"), "current_logp2": Value("float64")})
+
+    def shard(part, index):
+        c1, c2 = current_logps(part, model, tok, batch_size=batch_size, device=model.device)
+        return Dataset.from_dict({"current_logp1": c1, "current_logp2": c2}, features=features)
+
+    done = map_shards(so, ds, shard, SHARD_ROWS, "importance forward")
+    return done["current_logp1"], done["current_logp2"]
+
+
+def _strategy_help() -> str:
+    return "Strategy NAME[:k=v,...], repeatable: " + "; ".join(W.usage(n) for n in W.STRATEGIES) + "."
+
+
+@handle_errors
+def command(
+    ctx: typer.Context,
+    annotations: Annotated[Path, typer.Argument(help="Annotations dataset (from annotate or import).")],
+    out: OutOpt,
+    strategy: Annotated[Optional[list[str]], typer.Option("--strategy", "-s", help=_strategy_help())] = None,
+    combine: Annotated[str, typer.Option(help="How strategies compose per response: product | sum.")] = "product",
+    clip: Annotated[Optional[str], typer.Option(help="Clip weights to LO,HI (before normalising).")] = None,
+    normalize: Annotated[str, typer.Option(help="none | mean (mean 1 over the dataset) | per-prompt.")] = "none",
+    drop_below: Annotated[Optional[float], typer.Option(
+        help="Drop rows whose weight (a pair: both) is below X, after normalising; the count is reported.")] = None,
+    device: Annotated[str, typer.Option(help="Importance forward: cpu | cuda | auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Importance forward: float32 | bfloat16 | float16.")] = "float32",
+    batch_size: Annotated[int, typer.Option(help="Importance forward: sequences per forward pass.")] = 16,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+):
+    """Give every response a training weight: strategies -> combine -> clip -> normalise -> drop."""
+    from alignpipe.io import read_input
+    from alignpipe.models import check_model_folder
+    from alignpipe.output import StageOutput
+
+    specs = [W.parse_spec(s) for s in strategy or []]
+    policies = _check_options(specs, combine, normalize, drop_below)
+    bounds = parse_clip(clip)
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be >= 1")
+    for p in policies:
+        check_model_folder(p, "importance policy")
+    ds, _ = read_input(annotations, "annotations", stage="reweight")
+    inputs = [annotations, *map(Path, policies), *_function_files(specs)]
+    so = StageOutput(out, stage="reweight", kind="weighted", config=resolved_config(ctx), inputs=inputs, force=force)
+    if so.up_to_date():
+        return up_to_date_message("reweight", out)
+    try:
+        check(ds.to_dict(), specs)
+    except UserError as e:
+        raise UserError(f"{annotations}: {e}")
+    with so:
+        current = (_forward(so, ds, policies[0], device=device, dtype=dtype, batch_size=batch_size)
+                   if policies else None)
+        result, so.report = reweight(ds, specs, combine=combine, clip=bounds, normalize=normalize,
+                                     drop_below=drop_below, current=current, where=str(annotations))
+        so.finish(result)
+    _say_report(so.report, out)
+
+
+def _say_report(r: dict, out: Path) -> None:
+    parts = [f"{r['rows_out']} rows", f"weight mean {r['weight_mean']:.4g} [{r['weight_min']:.4g}, "
+             f"{r['weight_max']:.4g}]", f"ESS {r['ess']:.1f} ({100 * r['ess_fraction']:.0f}%)"]
+    if "importance_ess" in r:
+        parts.append(f"importance ESS {r['importance_ess']:.1f}")
+    if r["drop_below"] is not None:
+        parts.append(f"dropped {r['dropped']} rows below {r['drop_below']:g}")
+    if r["zero_weight_prompts"]:
+        parts.append(f"{r['zero_weight_prompts']} prompts with weight 0")
+    say(f"reweight: {', '.join(parts)} -> {out}")
