@@ -10,7 +10,8 @@ separately and unpadded, so the loss mask is structural: `collate` marks only re
   template (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3) when the prompt went through the template,
   else the EOS token. One token only: it is where generation stops (chat models list it among their EOS ids),
   so the stored response matches what `generate` sampled; text the template puts after it ("\n") is
-  never generated and is not trained on.
+  never generated and is not trained on. A generation cut at max_new_tokens (`finish_reason` 'length',
+  known for `generations` inputs) did not end, and gets no end token.
 - Truncation: first the prompt from the left to `max_prompt_length`; then, if prompt + response exceeds
   `max_length`, the response from the right (each response of a pair on its own, against the same
   prompt). A truncated response loses its end token. `max_prompt_length < max_length`, so every response
@@ -43,7 +44,7 @@ def turn_end_id(tokenizer) -> int | None:
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
     try:
         text = tokenizer.apply_chat_template(turns, tokenize=False)
-    except Exception:  # templates may refuse a trailing assistant turn
+    except Exception:  # noqa: BLE001 -- a template may refuse a trailing assistant turn
         return None
     if _SENTINEL not in text:
         return None
@@ -78,12 +79,12 @@ def tokenise(examples: list[dict], tokenizer, *, num_responses: int, max_length:
     for ex in examples:
         key = (ex["prompt"], json.dumps(ex["messages"]))
         if key not in cache:
-            text = render_prompt(tokenizer, ex["prompt"], ex["messages"], f"prompt_id {ex['prompt_id']!r}",
-                                 use_chat_template)
+            text = render_prompt(tokenizer, ex["prompt"], ex["messages"], ex.get("_at", "prompt"), use_chat_template)
             chat = bool(ex["messages"]) or (has_template and use_chat_template)
             cache[key] = (text, encode(tokenizer, text), turn_end if chat and turn_end is not None else eos)
         text, prompt_ids, end = cache[key]
-        responses = [encode(tokenizer, ex[f"response{k}"]) + [end] for k in range(1, num_responses + 1)]
+        responses = [encode(tokenizer, ex[f"response{k}"]) + ([] if ex.get(f"_open{k}") else [end])
+                     for k in range(1, num_responses + 1)]
         prompt_ids, responses, cut_prompt, cut = truncate(prompt_ids, responses, max_length, max_prompt_length)
         counts["prompts_truncated"] += cut_prompt
         counts["responses_truncated"] += sum(cut)
@@ -139,7 +140,7 @@ def mix(parts: list[list[dict]], props: list[float] | None, total: int | None, s
     else:
         empty = [k + 1 for k, (p, part) in enumerate(zip(props, parts)) if p > 0 and not part]
         if empty:
-            raise UserError(f"--mix: input {empty[0]} has no examples left to mix in (see the counts above)")
+            raise UserError(f"--mix: input {empty[0]} has no examples for this task, so it cannot give a proportion")
         counts = mix_counts([len(p) for p in parts], props, total)
     out = []
     for k, (examples, want) in enumerate(zip(parts, counts)):

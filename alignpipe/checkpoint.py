@@ -1,4 +1,6 @@
-"""Checkpoints of a training run, written atomically into the stage's partial folder (`.OUT.partial/`).
+"""The policy on disk: loading it for training (LoRA, reward head), checkpoints, the final folder.
+
+Checkpoints of a training run are written atomically into the stage's partial folder (`.OUT.partial/`):
 
     checkpoint-000012/
         trainable.safetensors   every parameter with requires_grad (the full model, or only the adapter
@@ -10,8 +12,10 @@
 
 The folder is written as `checkpoint-STEP.tmp` and renamed when whole, so a killed run leaves either the
 previous checkpoint or the new one; leftover `.tmp` folders are removed by `StageOutput`. Only the newest
-checkpoint is kept. Under several processes every rank writes its RNG state, rank 0 writes the rest
-(model and optimizer are replicated under DDP), and rank 0 renames after a barrier.
+checkpoint is kept. Weights and optimizer state are gathered as full (unsharded) state dicts keyed by
+parameter name with `torch.distributed.checkpoint.state_dict`, the same for one process, DDP and FSDP (a
+collective: every rank calls it); every rank writes its RNG state, rank 0 the rest, and renames after a
+barrier. A checkpoint resumes under another number of processes too (ranks without an RNG file start fresh).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from alignpipe.errors import UserError
@@ -49,9 +54,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(module) -> dict:
-    """name -> detached CPU copy of every trainable parameter."""
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in module.named_parameters() if p.requires_grad}
+def _full(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def gather_trainable(module) -> dict:
+    """name -> full CPU copy of every trainable parameter (on rank 0; {} on other ranks under FSDP).
+    A collective under FSDP: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(module, options=_full(cpu_offload=True, ignore_frozen_params=True))
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}  # clone: tied weights share memory
+
+
+def set_trainable(module, state: dict, where) -> None:
+    """Load a (full) trainable state dict into `module` (sharded or not); every trainable name must be there."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(names - set(state))
+    if missing:
+        raise _damaged(where, f"its parameters do not match the model being trained (missing {missing[:2]})")
+    set_model_state_dict(module, state, options=_full(strict=False))
 
 
 def save_checkpoint(partial: Path, step: int, module, optimizer, scheduler, state: dict, *, rank: int = 0,
@@ -59,9 +85,12 @@ def save_checkpoint(partial: Path, step: int, module, optimizer, scheduler, stat
     """Write checkpoint-STEP atomically (all ranks call this); returns its path."""
     import torch
     from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     final = Path(partial) / f"checkpoint-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
+    weights = gather_trainable(module)
+    optim = get_optimizer_state_dict(module, optimizer, options=_full(cpu_offload=True))
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -69,8 +98,8 @@ def save_checkpoint(partial: Path, step: int, module, optimizer, scheduler, stat
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
     barrier()
     if rank == 0:
-        save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optim, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
         body = {**state, "step": step, "world_size": world, "files": files}
@@ -126,29 +155,24 @@ def _torch_load(path: Path, file: str):
 
 
 def _load_trainable(path: Path, module) -> None:
-    import torch
     from safetensors.torch import load_file
 
     try:
         saved = load_file(str(path / "trainable.safetensors"))
     except Exception as e:
         raise _damaged(path, f"cannot read trainable.safetensors ({type(e).__name__})")
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    if set(saved) != set(params):
-        diff = sorted(set(saved) ^ set(params))[:3]
-        raise _damaged(path, f"its parameters do not match the model being trained (e.g. {diff})")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(saved[n].to(p.device, p.dtype))
+    set_trainable(module, saved, path)
 
 
 def load_checkpoint(path: Path, module, optimizer, scheduler, *, rank: int = 0) -> dict:
     """Restore trainable weights, optimizer, scheduler and this rank's RNG; return the state dict."""
     path = Path(path)
     state = read_state(path)
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     _load_trainable(path, module)
     try:
-        optimizer.load_state_dict(_torch_load(path, "optimizer.pt"))
+        set_optimizer_state_dict(module, optimizer, _torch_load(path, "optimizer.pt"), options=_full())
         scheduler.load_state_dict(_torch_load(path, "scheduler.pt"))
     except (ValueError, KeyError, RuntimeError) as e:
         raise _damaged(path, f"optimizer/scheduler state does not fit this run ({str(e).splitlines()[0][:120]})")
@@ -156,3 +180,105 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, *, rank: int = 0) 
     if rng.exists():  # absent when resuming with more processes than wrote it: that rank starts fresh
         set_rng_state(_torch_load(path, rng.name))
     return state
+
+
+# ------------------------------------------------------------------------------------ the policy to train
+@dataclass
+class LoraOptions:
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    target_modules: list | None = None  # None: every linear layer except the output head ("all-linear")
+
+
+def _architectures(path) -> list[str]:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return []
+
+
+def _load_reward_policy(path, init_reward_head: bool):
+    """A 1-output sequence classifier from a reward-model folder, or from a causal LM with a fresh head."""
+    from alignpipe.models import check_model_folder, is_adapter, load_reward_model
+
+    check_model_folder(path, "policy")
+    archs = _architectures(path)
+    if is_adapter(path):
+        raise UserError(f"policy {path}: reward models are trained from full model folders, not adapters")
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return load_reward_model(path)
+    if not init_reward_head:
+        raise UserError(f"policy {path}: is a {archs[0] if archs else 'model'}, not a reward model "
+                        f"(*ForSequenceClassification); pass --init-reward-head to add a new score head to it")
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "some weights newly initialised": that is the point
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, use_safetensors=True)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def apply_lora(model, lora: LoraOptions, task: str):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules) if lora.target_modules else "all-linear",
+                        task_type="SEQ_CLS" if task == "reward" else "CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"--target-modules: {str(e).splitlines()[0][:200]}")
+
+
+def is_peft(module) -> bool:
+    return hasattr(module, "disable_adapter") and hasattr(module, "peft_config")
+
+
+def load_policy(path, task: str, *, lora: LoraOptions | None = None, init_reward_head: bool = False,
+                gradient_checkpointing: bool = False):
+    """(model, tokenizer): float32 master weights on the CPU; a LoRA adapter added when asked, an adapter
+    folder's adapter kept trainable."""
+    from alignpipe.models import is_adapter, load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    if task == "reward":
+        model = _load_reward_policy(path, init_reward_head)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = load_causal_lm(path, trainable_adapter=True)
+    if lora is not None and is_adapter(path):
+        raise UserError(f"policy {path}: is already a LoRA adapter (it keeps training); drop --lora-r")
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        model = apply_lora(model, lora, task)
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------- the final policy
+def save_policy(module, tokenizer, folder, *, base_path=None, merge: bool = False, dtype: str = "float32") -> str:
+    """Write the trained policy into `folder`: an adapter folder (base_model_name_or_path = the absolute base
+    path), merged full weights, or the full model; tokenizer beside it. Returns what was written."""
+    import torch
+
+    what = "model"
+    peft = is_peft(module)
+    if peft and merge:
+        module, what = module.merge_and_unload(), "merged"
+    elif peft:
+        for cfg in module.peft_config.values():
+            if base_path is not None:
+                cfg.base_model_name_or_path = str(Path(base_path).resolve())
+        what = "adapter"
+    if dtype != "float32":
+        module = module.to(getattr(torch, dtype))
+    module.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return what

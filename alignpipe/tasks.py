@@ -47,14 +47,14 @@ def rows_of(ds, kind: str, where: str, counts: Counter) -> list[dict]:
     if kind == "prompts":
         rows = []
         for i, r in enumerate(ds.select_columns(["prompt_id", "prompt", "messages", "reference", "split"])):
-            if r["split"] != "train":
-                counts["held_out_skipped"] += 1
+            if r["split"] != "train" or r["reference"] is None:
+                counts["held_out_skipped" if r["split"] != "train" else "no_reference_skipped"] += 1
                 continue
             rows.append(_row(i, r, response1=r["reference"], tag1="ref"))
-    elif kind == "generations":
-        cols = ["prompt_id", "prompt", "messages", "iteration", "response", "sample_index"]
-        rows = [_row(i, r, response1=r["response"], response1_sample_index=r["sample_index"])
-                for i, r in enumerate(ds.select_columns(cols))]
+    elif kind == "generations":  # a sample cut at max_new_tokens did not end: no end token is appended
+        cols = ["prompt_id", "prompt", "messages", "iteration", "response", "sample_index", "finish_reason"]
+        rows = [_row(i, r, response1=r["response"], response1_sample_index=r["sample_index"],
+                     _open1=r["finish_reason"] == "length") for i, r in enumerate(ds.select_columns(cols))]
     else:
         cols = list(_FIELDS) + (["response1_weight", "response2_weight"] if kind == "weighted" else [])
         rows = [_row(i, r) for i, r in enumerate(ds.select_columns(cols))]
@@ -120,7 +120,7 @@ def usable(rows: list[dict], counts: Counter) -> list[dict]:
 # ------------------------------------------------------------------------------------------- examples
 def _gen(row: dict, k: int) -> dict:
     return {"text": row[f"response{k}"], "reward": row[f"response{k}_reward"], "weight": row[f"response{k}_weight"],
-            "label": row[f"response{k}_label"] if k == 1 else None, "tag": row[f"_tag{k}"]}
+            "tag": row[f"_tag{k}"], "open": row.get(f"_open{k}", False)}
 
 
 def _example(row: dict, gens: list[dict], suffix: str = "", **extra) -> dict:
@@ -129,7 +129,7 @@ def _example(row: dict, gens: list[dict], suffix: str = "", **extra) -> dict:
           "_row": row["_row"]}
     for k, g in enumerate(gens, 1):
         ex.update({f"response{k}": g["text"], f"response{k}_weight": float(g["weight"]),
-                   f"response{k}_reward": g["reward"]})
+                   f"response{k}_reward": g["reward"], f"_open{k}": g["open"]})
     ex.update(extra)
     return ex
 
@@ -359,6 +359,7 @@ def make_examples(ds, kind: str, spec: TaskSpec, where: str, opts: TaskOptions) 
     examples = spec.fn(rows_of(ds, kind, where, counts), where, opts, counts)
     seen: dict[str, int] = {}
     for ex in examples:
+        ex["_at"] = f"{where} row {ex['_row']}"
         if ex["example_id"] in seen:
             raise UserError(f"{where} rows {seen[ex['example_id']]} and {ex['_row']}: mismatched ids: example "
                             f"{ex['example_id']!r} twice (the same prompt_id and sample indices)")

@@ -196,6 +196,30 @@ def micro_batches(ds, groups: list[tuple[int, list[int]]], task: str, stored_ref
     return out, total_w, total_n
 
 
+@dataclass
+class Plan:
+    """Which stored batches each optimisation step reads."""
+
+    num_batches: int
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.num_batches // self.grad_accum)
+
+    @property
+    def total_steps(self) -> int:
+        total = self.epochs * self.steps_per_epoch
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def groups(self, step: int) -> slice:
+        """Positions (in batch_index order) of the stored batches of 0-based `step`."""
+        start = (step % self.steps_per_epoch) * self.grad_accum
+        return slice(start, min(start + self.grad_accum, self.num_batches))
+
+
 def describe(path: Path, ds, groups: list[tuple[int, list[int]]]) -> str:
     sizes = [len(rows) for _, rows in groups]
     return f"{path}: {len(ds)} examples in {len(groups)} batches (sizes {min(sizes)}..{max(sizes)})"

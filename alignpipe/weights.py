@@ -58,10 +58,6 @@ def _require(ok: bool, msg: str) -> None:
         raise UserError(msg)
 
 
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
 def _exp(x: float) -> float:
     return math.exp(x) if x < 709.0 else math.inf  # inf is reported by check_weights, naming the row
 
@@ -78,24 +74,24 @@ def constant(t, *, value: float = 1.0) -> Weights:
 
 
 def margin(t, *, temperature: float = 1.0) -> Weights:
-    """w = sigmoid(|r1 - r2| / temperature) for both responses of a pair (r = response rewards).
+    """w = sigmoid(|r1 - r2| / temperature) for both responses of a pair (r: their rewards).
 
     The absolute margin because annotation pairs are unordered. Range [0.5, 1): a tie keeps half the weight
     (a noisy near-tie is down-weighted, never discarded); use abs-margin to give ties weight 0."""
     _require(temperature > 0, f"strategy margin: temperature must be > 0, got {temperature}")
     r1, r2 = t["response1_reward"], t["response2_reward"]
-    return _same(t, [_sigmoid(abs(a - b) / temperature) for a, b in zip(r1, r2)])
+    return _same(t, [1 / (1 + math.exp(-abs(a - b) / temperature)) for a, b in zip(r1, r2)])
 
 
 def abs_margin(t, *, clip: float | None = None) -> Weights:
-    """w = min(|r1 - r2|, clip) for both responses of a pair (no clip when clip is not given)."""
+    """w = min(|r1 - r2|, clip) for both responses of a pair (no clip when not given)."""
     _require(clip is None or clip > 0, f"strategy abs-margin: clip must be > 0, got {clip}")
     cap = math.inf if clip is None else clip
     return _same(t, [min(abs(a - b), cap) for a, b in zip(t["response1_reward"], t["response2_reward"])])
 
 
 def confidence(t) -> Weights:
-    """w = |2p - 1| for both responses of a pair, p = preference = P(response1 preferred)."""
+    """w = |2p - 1| for both responses of a pair, p = preference (P(response1 preferred))."""
     return _same(t, [abs(2 * p - 1) for p in t["preference"]])
 
 
@@ -111,7 +107,7 @@ def _vote(a: dict) -> int | None:
 
 
 def agreement(t) -> Weights:
-    """w = (annotators in `raw` whose direction equals the combined one) / (annotators that voted).
+    """w = (annotators in `raw` agreeing with the combined direction) / (annotators that voted).
 
     Direction = sign(p - 1/2) with p the combined `preference`; an annotator's is sign(its preference - 1/2),
     or sign(score1 - score2) when it gave scores only. Abstentions are not votes. A tie agrees with a tie."""
@@ -125,7 +121,7 @@ def agreement(t) -> Weights:
 
 
 def length_norm(t, *, alpha: float = 1.0, by: str = "tokens") -> Weights:
-    """w = (mean length / length)^alpha per response; mean over every response of the dataset.
+    """w = (mean length / length)^alpha per response, the mean over every response of the dataset.
 
     by=tokens uses response{k}_num_tokens (from generate; imported rows have 0, so use by=chars there),
     by=chars the text length (an empty response counts as length 1). alpha=0 gives 1, alpha=1 makes every
@@ -157,10 +153,10 @@ def recency(t, *, decay: float = 0.5, current: int | None = None) -> Weights:
 
 
 def importance(t, *, policy: str, clip: float | None = None, truncate: float | None = None) -> Weights:
-    """w = pi_current(y|x) / pi_behaviour(y|x) = exp(logp_current - response{k}_behaviour_logp) per response.
+    """w = pi_current(y|x) / pi_behaviour(y|x) = exp(current_logp - behaviour_logp), per response.
 
-    logp_current is the summed log-prob of the response under `policy` (a forward pass the stage runs,
-    columns current_logp1/2). clip=c bounds the ratio to [1/c, c] (c >= 1); truncate=c caps it at c
+    current_logp{k} is response k's summed log-prob under `policy` (a forward pass the stage runs), and
+    behaviour_logp the column response{k}_behaviour_logp written by generate. clip=c bounds the ratio to [1/c, c] (c >= 1); truncate=c caps it at c
     (min(ratio, c), as in truncated importance sampling); both may be given. Computed in log space."""
     _require(clip is None or clip >= 1, f"strategy importance: clip must be >= 1 (ratio in [1/c, c]), got {clip}")
     _require(truncate is None or truncate > 0, f"strategy importance: truncate must be > 0, got {truncate}")
@@ -178,9 +174,9 @@ def importance(t, *, policy: str, clip: float | None = None, truncate: float | N
 
 
 def class_balance(t, *, threshold: float | None = None) -> Weights:
-    """Pointwise: w = n / (2 n_desirable) on desirable rows, n / (2 n_undesirable) on undesirable ones.
+    """w = n / (2 n_desirable) on desirable rows, n / (2 n_undesirable) on undesirable ones.
 
-    The label is response1_label, or (where null) response1_reward >= threshold. Both classes then carry
+    Pointwise rows only. The label is response1_label, or (where null) response1_reward >= threshold. Both classes then carry
     half the total weight, as KTO's desirable/undesirable balance needs; the mean weight is 1."""
     labels = []
     for i, (lab, r) in enumerate(zip(t["response1_label"], t["response1_reward"])):

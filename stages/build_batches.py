@@ -19,11 +19,19 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say, up_to_date_message
+from alignpipe.cli_common import (
+    ConfigOpt,
+    ForceOpt,
+    OutOpt,
+    handle_errors,
+    resolved_config,
+    say,
+    up_to_date_message,
+)
 from alignpipe.errors import UserError
 from alignpipe.tasks import TASKS
 
@@ -79,7 +87,10 @@ def build_batches(inputs: list[tuple], tokenizer, task: str, opts: BatchOptions)
     if opts.mix:
         report["mix"] = {"proportions": list(opts.mix), "taken": taken}
     if not examples:
-        raise UserError(f"no {task} examples left from the inputs (counts: {report['inputs']})")
+        why = "; ".join(f"{i['path']}: {i['rows']} rows" + "".join(f", {k} {v}" for k, v in i.items()
+                                                             if k not in ("path", "kind", "rows", "examples"))
+                        for i in report["inputs"])
+        raise UserError(f"no {task} examples left from the inputs ({why})")
     counts: Counter = Counter()
     batching.tokenise(examples, tokenizer, num_responses=spec.num_responses, max_length=opts.max_length,
                       max_prompt_length=opts.max_prompt_length, use_chat_template=opts.use_chat_template,
@@ -131,11 +142,6 @@ def _options(batch_size, max_tokens_per_batch, mix, num_inputs, **kw) -> BatchOp
 
     if batch_size is not None and max_tokens_per_batch is not None:
         raise UserError("give --batch-size or --max-tokens-per-batch, not both")
-    for name, v in (("--batch-size", batch_size), ("--max-tokens-per-batch", max_tokens_per_batch),
-                    ("--group-size", kw["group_size"]), ("--num-examples", kw["num_examples"]),
-                    ("--batch-size-ref", kw.pop("batch_size_ref")), ("--shard-size", kw.pop("shard_size"))):
-        if v is not None and v < 1:
-            raise UserError(f"{name} {v}: must be >= 1")
     if kw["num_examples"] is not None and mix is None:
         raise UserError("--num-examples needs --mix (the proportions to split it by)")
     props = batching.parse_mix(mix, num_inputs)
@@ -150,32 +156,32 @@ def command(
                                                       "generations).", show_default=False)],
     out: OutOpt,
     task: Annotated[str, typer.Option(help=" | ".join(f"{k}: {v.doc}" for k, v in TASKS.items()))] = "pairwise",
-    tokenizer: Annotated[Optional[Path], typer.Option(help="Model/tokenizer folder (default: --reference).")] = None,
-    chat_template: Annotated[Optional[Path], typer.Option(help="Jinja chat template file overriding the "
+    tokenizer: Annotated[Path | None, typer.Option(help="Model/tokenizer folder (default: --reference).")] = None,
+    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file overriding the "
                                                                "tokenizer's.")] = None,
     no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="Plain prompts as raw text "
                                                    "(conversations still use the template).")] = False,
-    max_length: Annotated[int, typer.Option(help="Max prompt + response tokens.")] = 1024,
-    max_prompt_length: Annotated[int, typer.Option(help="Max prompt tokens (cut from the left).")] = 512,
-    batch_size: Annotated[Optional[int], typer.Option(help="Examples per batch [default: 8].")] = None,
-    max_tokens_per_batch: Annotated[Optional[int], typer.Option(help="Token budget per batch on the padded size "
+    max_length: Annotated[int, typer.Option(min=1, help="Max prompt + response tokens.")] = 1024,
+    max_prompt_length: Annotated[int, typer.Option(min=1, help="Max prompt tokens (cut from the left).")] = 512,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Examples per batch [default: 8].")] = None,
+    max_tokens_per_batch: Annotated[int | None, typer.Option(min=1, help="Token budget per batch on the padded size "
                                                                      "(instead of --batch-size).")] = None,
     group_by_length: Annotated[bool, typer.Option(help="Group similar lengths to cut padding.")] = True,
-    group_size: Annotated[int, typer.Option(help="Batches per length-sorted chunk.")] = 50,
+    group_size: Annotated[int, typer.Option(min=1, help="Batches per length-sorted chunk.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of shuffling, pairing and mixing.")] = 0,
-    mix: Annotated[Optional[str], typer.Option(help="Proportions per input, e.g. 0.5,0.3,0.2.")] = None,
-    num_examples: Annotated[Optional[int], typer.Option(help="Examples in all with --mix [default: the most "
+    mix: Annotated[str | None, typer.Option(help="Proportions per input, e.g. 0.5,0.3,0.2.")] = None,
+    num_examples: Annotated[int | None, typer.Option(min=1, help="Examples in all with --mix [default: the most "
                                                              "that repeats none].")] = None,
     pairs: Annotated[str, typer.Option(help="Pairing of generations of one prompt: best-worst | random | all | "
                                             "margin:X.")] = "best-worst",
     threshold: Annotated[str, typer.Option(help="pointwise: reward above = desirable: median | mean | VALUE.")]
     = "median",
-    reference: Annotated[Optional[Path], typer.Option(help="Reference model (folder or adapter): cache its "
+    reference: Annotated[Path | None, typer.Option(help="Reference model (folder or adapter): cache its "
                                                            "log-probs (pointwise, pairwise).")] = None,
     dtype: Annotated[str, typer.Option(help="Reference dtype: float32 | bfloat16 | float16.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
-    batch_size_ref: Annotated[int, typer.Option(help="Sequences per reference forward.")] = 16,
-    shard_size: Annotated[int, typer.Option(help="Examples per resumable reference shard.")] = 512,
+    batch_size_ref: Annotated[int, typer.Option(min=1, help="Sequences per reference forward.")] = 16,
+    shard_size: Annotated[int, typer.Option(min=1, help="Examples per resumable reference shard.")] = 512,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ):
@@ -195,12 +201,13 @@ def command(
     opts = _options(batch_size, max_tokens_per_batch, mix, len(inputs), max_length=max_length,
                     max_prompt_length=max_prompt_length, group_by_length=group_by_length, group_size=group_size,
                     seed=seed, use_chat_template=not no_chat_template, num_examples=num_examples, pairs=pairs,
-                    threshold=threshold, batch_size_ref=batch_size_ref, shard_size=shard_size)
+                    threshold=threshold)
     data = [(*read_input(p, spec.input_kinds, stage="build-batches"), str(p)) for p in inputs]
     tok_path = tokenizer or reference
     models = [tok_path] + ([reference] if reference is not None and reference != tok_path else [])
+    template = [chat_template] if chat_template is not None else []
     so = StageOutput(out, stage="build-batches", kind=spec.kind, config=resolved_config(ctx),
-                     inputs=list(inputs) + models, force=force)
+                     inputs=list(inputs) + models + template, force=force)
     if so.up_to_date():
         return up_to_date_message("build-batches", out)
     tok = load_tokenizer(tok_path, chat_template=chat_template)

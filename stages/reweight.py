@@ -12,12 +12,20 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from alignpipe import weights as W
-from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say, up_to_date_message
+from alignpipe.cli_common import (
+    ConfigOpt,
+    ForceOpt,
+    OutOpt,
+    handle_errors,
+    resolved_config,
+    say,
+    up_to_date_message,
+)
 from alignpipe.errors import UserError
 
 SHARD_ROWS = 512  # rows per checkpointed shard of the importance forward pass
@@ -187,11 +195,11 @@ def command(
     ctx: typer.Context,
     annotations: Annotated[Path, typer.Argument(help="Annotations dataset (from annotate or import).")],
     out: OutOpt,
-    strategy: Annotated[Optional[list[str]], typer.Option("--strategy", "-s", help=_strategy_help())] = None,
+    strategy: Annotated[list[str] | None, typer.Option("--strategy", "-s", help=_strategy_help())] = None,
     combine: Annotated[str, typer.Option(help="How strategies compose per response: product | sum.")] = "product",
-    clip: Annotated[Optional[str], typer.Option(help="Clip weights to LO,HI (before normalising).")] = None,
+    clip: Annotated[str | None, typer.Option(help="Clip weights to LO,HI (before normalising).")] = None,
     normalize: Annotated[str, typer.Option(help="none | mean (mean 1 over the dataset) | per-prompt.")] = "none",
-    drop_below: Annotated[Optional[float], typer.Option(
+    drop_below: Annotated[float | None, typer.Option(
         help="Drop rows whose weight (a pair: both) is below X, after normalising; the count is reported.")] = None,
     device: Annotated[str, typer.Option(help="Importance forward: cpu | cuda | auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Importance forward: float32 | bfloat16 | float16.")] = "float32",
@@ -220,18 +228,27 @@ def command(
         check(ds.to_dict(), specs)
     except UserError as e:
         raise UserError(f"{annotations}: {e}")
+
+    def core(current=None):
+        return reweight(ds, specs, combine=combine, clip=bounds, normalize=normalize, drop_below=drop_below,
+                        current=current, where=str(annotations))
+
+    result = None if policies else core()  # without a forward pass, fail before anything is written
     with so:
-        current = (_forward(so, ds, policies[0], device=device, dtype=dtype, batch_size=batch_size)
-                   if policies else None)
-        result, so.report = reweight(ds, specs, combine=combine, clip=bounds, normalize=normalize,
-                                     drop_below=drop_below, current=current, where=str(annotations))
-        so.finish(result)
+        if policies:
+            result = core(_forward(so, ds, policies[0], device=device, dtype=dtype, batch_size=batch_size))
+        so.report = result[1]
+        so.finish(result[0])
     _say_report(so.report, out)
 
 
+command.__doc__ += "\n\n\b\nStrategies (see alignpipe/weights.py):\n" + "\n".join(
+    f"  {name:<14}{W.STRATEGIES[name].fn.__doc__.splitlines()[0]}" for name in W.STRATEGIES)
+
+
 def _say_report(r: dict, out: Path) -> None:
-    parts = [f"{r['rows_out']} rows", f"weight mean {r['weight_mean']:.4g} [{r['weight_min']:.4g}, "
-             f"{r['weight_max']:.4g}]", f"ESS {r['ess']:.1f} ({100 * r['ess_fraction']:.0f}%)"]
+    spread = f"weight mean {r['weight_mean']:.4g} [{r['weight_min']:.4g}, {r['weight_max']:.4g}]"
+    parts = [f"{r['rows_out']} rows", spread, f"ESS {r['ess']:.1f} ({100 * r['ess_fraction']:.0f}%)"]
     if "importance_ess" in r:
         parts.append(f"importance ESS {r['importance_ess']:.1f}")
     if r["drop_below"] is not None:

@@ -1,0 +1,418 @@
+"""The training loop as small functions over one `Run` (a plain record of what a step needs).
+
+A step: forward (chosen and rejected concatenated), reference log-probs, loss from `alignpipe.losses`,
+backward, gradient clipping, AdamW, schedule, metrics. Not a `transformers.Trainer`.
+
+Weighted normalisation across micro-batches and processes. A loss returns, for micro-batch m,
+L_m = sum_{i in m} w_i l_i / W_m with W_m = sum_{i in m} w_i. A step covers micro-batches 1..k (k = --grad-accum
+stored batches) on each of P processes, and its objective is L = sum_i w_i l_i / W over all of them (W the
+step's total weight). So each micro-batch is back-propagated as (W_m / W) * L_m, times P because DDP averages
+gradients: the all-reduced gradient is exactly grad L, what one process gets from the whole step as one
+micro-batch. Weight 0 = absent row and weight 2 = duplicated row therefore hold for whole steps too. Batch
+statistics inside a loss (KTO's reference point z0) are per stored batch, all-reduced over the processes.
+
+Several processes: plain `torch.distributed` (gloo on CPU, NCCL on GPUs) from the RANK / WORLD_SIZE /
+LOCAL_RANK variables that `torchrun` and `accelerate launch` set; no `Accelerator` object, so loss scaling
+and accumulation stay as above whatever the launcher. Replicated weights (DDP) by default; sharded with
+torch FSDP2 (`fully_shard`, per decoder layer) as 'full' (FULL_SHARD, ZeRO-3) or 'grad-op' (weights kept
+whole between forward and backward, gradients and optimizer state sharded: SHARD_GRAD_OP, ZeRO-2), chosen
+by --sharding or read from the FSDP / DeepSpeed settings `accelerate launch` exports.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+
+from alignpipe.checkpoint import is_peft
+from alignpipe.errors import UserError
+
+SCHEDULERS = ("cosine", "linear", "constant")
+SHARDING = ("auto", "none", "grad-op", "full")
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient norm. Exit code 1: the inputs were valid, the optimisation failed."""
+
+    exit_code = 1
+
+
+# ------------------------------------------------------------------------------------------ processes
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    sharding: str = "none"  # none (DDP) | grad-op | full
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1 and self.sharding != "none"
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_reduce(self, tensor):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor)
+        return tensor
+
+
+def sharding_mode(choice: str = "auto", env=None) -> str:
+    """'none', 'grad-op' or 'full'; 'auto' reads the FSDP / DeepSpeed settings of `accelerate launch`."""
+    env = os.environ if env is None else env
+    if choice != "auto":
+        if choice not in SHARDING:
+            raise UserError(f"--sharding '{choice}': unknown (known: {', '.join(SHARDING)})")
+        return choice
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+        if strategy in ("NO_SHARD", "3"):
+            return "none"
+        grad_op = strategy in ("SHARD_GRAD_OP", "2", "HYBRID_SHARD_ZERO2", "5")
+        return "grad-op" if grad_op or env.get("FSDP_RESHARD_AFTER_FORWARD", "").lower() == "false" else "full"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "full" if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else "grad-op"
+    return "none"
+
+
+def init_distributed(device: str = "auto", sharding: str = "auto") -> Dist:
+    """The process group from torchrun / accelerate launch environment variables (or one process)."""
+    import torch
+
+    from alignpipe.models import resolve_device
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    dev = resolve_device(device)
+    if dev == "cuda":
+        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(dev)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+    return Dist(rank, world, dev, sharding_mode(sharding))
+
+
+# ------------------------------------------------------------------------------------------- the run
+@dataclass
+class Reference:
+    """Where reference log-probs come from: 'stored' (batch columns), 'model' (a frozen model), 'adapter'
+    (the policy with its LoRA adapter disabled) or 'none' (reference-free loss)."""
+
+    kind: str
+    model: object = None
+
+
+@dataclass
+class Run:
+    model: object  # forward/backward go through it (the DDP wrapper under several processes)
+    module: object  # the bare model (a PeftModel with LoRA): saving, checkpoints, adapter-disabled reference
+    optimizer: object
+    scheduler: object
+    reference: Reference
+    task: str
+    loss: str
+    hparams: dict
+    pad_id: int
+    dist: Dist
+    dtype: str = "float32"
+    max_grad_norm: float = 1.0
+
+
+def trainable(module) -> list:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def build_optimizer(module, lr: float, weight_decay: float):
+    """AdamW; weight decay on matrices only (not on biases and norm scales)."""
+    import torch
+
+    params = trainable(module)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:
+    """Multiplier of --lr at 0-based `step`: linear warm-up (step+1)/(warmup+1), then cosine/linear decay
+    towards 0 at `total` (never 0 on a step that trains), or constant."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def build_scheduler(optimizer, kind: str, warmup: int, total: int):
+    import torch
+
+    if kind not in SCHEDULERS:
+        raise UserError(f"--scheduler '{kind}': unknown (known: {', '.join(SCHEDULERS)})")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, kind, warmup, total))
+
+
+def prepare(module, *, reference: Reference, task: str, loss: str, hparams: dict, pad_id: int, dist: Dist,
+            lr: float, weight_decay: float, scheduler: str, warmup_steps: int, total_steps: int,
+            dtype: str = "float32", max_grad_norm: float = 1.0) -> Run:
+    """Move the policy to its device, wrap it for DDP, and build optimizer and schedule."""
+    module.to(dist.device).train()
+    if reference.model is not None:
+        reference.model.to(dist.device)
+    model = module
+    if dist.sharded:
+        model = module = shard(module, reshard_after_forward=dist.sharding == "full")
+    elif dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [dist.device] if dist.device.startswith("cuda") else None
+        model = DistributedDataParallel(module, device_ids=ids)
+    optimizer = build_optimizer(module, lr, weight_decay)
+    sched = build_scheduler(optimizer, scheduler, warmup_steps, total_steps)
+    return Run(model, module, optimizer, sched, reference, task, loss, hparams, pad_id, dist, dtype, max_grad_norm)
+
+
+def shard(module, reshard_after_forward: bool):
+    """FSDP2: each decoder layer (the model's `_no_split_modules`) and then the root become shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    base = module.get_base_model() if is_peft(module) else module
+    layers = set(getattr(base, "_no_split_modules", None) or [])
+    for sub in list(module.modules()):
+        if type(sub).__name__ in layers:
+            fully_shard(sub, reshard_after_forward=reshard_after_forward)
+    return fully_shard(module, reshard_after_forward=reshard_after_forward)
+
+
+@contextlib.contextmanager
+def no_sync(run: Run, sync: bool):
+    """Skip the gradient all-reduce of a micro-batch that is not the last of its step."""
+    if sync or run.dist.world == 1:
+        yield
+    elif run.dist.sharded:
+        run.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            run.model.set_requires_gradient_sync(True)
+    else:
+        with run.model.no_sync():
+            yield
+
+
+def unsharded(run: Run, rebuild):
+    """The trained policy as a whole model on rank 0 (None elsewhere): the module itself, or under FSDP a
+    fresh `rebuild()` with the gathered trainable weights (a collective: every rank calls it)."""
+    from alignpipe.checkpoint import gather_trainable, set_trainable
+
+    if not run.dist.sharded:
+        return run.module if run.dist.rank == 0 else None
+    weights = gather_trainable(run.module)
+    if run.dist.rank != 0:
+        return None
+    fresh = rebuild()
+    set_trainable(fresh, weights, "gathered weights")
+    return fresh
+
+
+def frozen(model):
+    """A model as a reference: eval mode, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def frozen_copy(module):
+    """The initial policy as a frozen reference (call before training or loading a checkpoint)."""
+    return frozen(copy.deepcopy(module))
+
+
+# ----------------------------------------------------------------------------------------- forwards
+def _autocast(run: Run):
+    import torch
+
+    device_type = "cuda" if run.dist.device.startswith("cuda") else "cpu"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=run.dtype == "bfloat16")
+
+
+def _tensors(batch) -> dict:
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+            "response_mask": batch.response_mask}
+
+
+def policy_outputs(run: Run, batch):
+    """(values, lengths), each (N,): summed response log-probs, or reward scores for the reward task (the
+    score at the last non-pad token, the model's own pooling). One forward over all N sequences."""
+    from alignpipe.logprobs import sequence_logps
+
+    with _autocast(run):
+        if run.task == "reward":
+            out = run.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            return out.logits[:, 0].float(), batch.response_mask.sum(-1).float()
+        logps, lengths = sequence_logps(run.model, _tensors(batch))
+    return logps, lengths.float()
+
+
+def reference_logps(run: Run, batch):
+    """(ref1, ref2) summed reference log-probs, each (B,) or None; no gradients."""
+    import torch
+
+    from alignpipe.logprobs import sequence_logps
+
+    ref = run.reference
+    if ref.kind == "stored":
+        return batch.ref1, batch.ref2
+    if ref.kind == "none":
+        return None, None
+    with torch.no_grad(), _autocast(run):
+        if ref.kind == "adapter":
+            was_training = run.module.training
+            run.module.eval()
+            with run.module.disable_adapter():
+                logps, _ = sequence_logps(run.module, _tensors(batch))
+            run.module.train(was_training)
+        else:
+            logps, _ = sequence_logps(ref.model, _tensors(batch))
+    b = batch.weight.shape[0]
+    return logps[:b], (logps[b:] if batch.paired else None)
+
+
+def _global_reference_point(run: Run, batch, logp1, ref1):
+    """KTO's z0 over this stored batch across all processes: weighted mean of logp1 - ref1 (detached)."""
+    import torch
+
+    w = batch.weight.double()
+    r = torch.where(w > 0, (logp1.detach() - ref1).double(), torch.zeros_like(w))
+    sums = run.dist.all_reduce(torch.stack([(w * r).sum(), w.sum()]))
+    return float(sums[0] / sums[1].clamp_min(1e-300))
+
+
+def loss_inputs(run: Run, batch, values, lengths, refs):
+    import torch
+
+    from alignpipe.losses import LossInputs
+
+    b = batch.weight.shape[0]
+    x = LossInputs(logp1=values[:b], len1=lengths[:b], weight=batch.weight, label=batch.label,
+                   margin=batch.margin, ref_logp1=refs[0], ref_logp2=refs[1])
+    if batch.paired:
+        x.logp2, x.len2 = values[b:], lengths[b:]
+    if run.task == "pointwise" and run.dist.world > 1 and refs[0] is not None:
+        z0 = _global_reference_point(run, batch, x.logp1, refs[0])  # passed as a ready KL estimate
+        x.kl_logp, x.ref_kl_logp = torch.full_like(x.logp1, z0), torch.zeros_like(x.logp1)
+    return x
+
+
+# --------------------------------------------------------------------------------------------- a step
+def accumulate_gradients(run: Run, micro: list, total_weight: float) -> dict:
+    """Forward + backward of this rank's micro-batches; returns the step's global metrics (all-reduced)."""
+    import torch
+
+    from alignpipe.losses import compute_loss
+
+    sums: dict = {}
+    examples = tokens = 0
+    for i, batch in enumerate(micro):
+        share = float(batch.weight.sum()) / total_weight if total_weight > 0 else 0.0
+        with no_sync(run, sync=i == len(micro) - 1):
+            values, lengths = policy_outputs(run, batch)
+            x = loss_inputs(run, batch, values, lengths, reference_logps(run, batch))
+            loss, metrics = compute_loss(run.loss, x, **run.hparams)
+            (loss * (share * run.dist.world)).backward()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.double() * share
+        examples, tokens = examples + batch.num_examples, tokens + batch.num_tokens
+    keys = sorted(sums)
+    flat = torch.stack([torch.as_tensor(sums[k]).double().cpu() for k in keys]
+                       + [torch.tensor(float(examples), dtype=torch.float64), torch.tensor(float(tokens), dtype=torch.float64)])
+    flat = run.dist.all_reduce(flat.to(run.dist.device)).cpu().tolist()
+    return {**dict(zip(keys, flat[:-2])), "examples": int(flat[-2]), "tokens": int(flat[-1])}
+
+
+def optimizer_step(run: Run, metrics: dict, step: int) -> dict:
+    """Clip, check for divergence, AdamW step, schedule step. Adds grad_norm and lr to `metrics`."""
+    import torch
+
+    max_norm = run.max_grad_norm if run.max_grad_norm and run.max_grad_norm > 0 else math.inf
+    norm = float(torch.nn.utils.clip_grad_norm_(trainable(run.module), max_norm))
+    for name, value in (("loss", metrics["loss"]), ("gradient norm", norm)):
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"{name} is {value} at step {step}")
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {**metrics, "grad_norm": norm, "lr": lr}
+
+
+# --------------------------------------------------------------------------------------------- the loop
+def train_step(run: Run, ds, groups: list, stored_reference: bool, step: int) -> dict:
+    """One optimisation step over the given stored batches; returns its metrics row (step is 1-based)."""
+    from alignpipe.train_data import micro_batches
+
+    start = time.perf_counter()
+    micro, total_weight, _ = micro_batches(ds, groups, run.task, stored_reference, run.pad_id, run.dist.device,
+                                           run.dist.rank, run.dist.world)
+    metrics = optimizer_step(run, accumulate_gradients(run, micro, total_weight), step)
+    seconds = time.perf_counter() - start
+    return {"step": step, "epoch": 0.0, "batch_index": groups[0][0], **metrics, "seconds": seconds,
+            "tokens/s": metrics["tokens"] / seconds, "examples/s": metrics["examples"] / seconds}
+
+
+def resume(run: Run, partial, require: bool = False) -> tuple[int, list, object]:
+    """(steps done, metrics so far, checkpoint path) from the newest checkpoint under `partial`, or a fresh
+    start (0, [], None); `require` makes a missing checkpoint an error."""
+    from alignpipe.checkpoint import latest_checkpoint, load_checkpoint
+
+    found = latest_checkpoint(partial)
+    if found is None:
+        if require:
+            raise UserError(f"--resume: no checkpoint under {partial} for these inputs and options")
+        return 0, [], None
+    state = load_checkpoint(found, run.module, run.optimizer, run.scheduler, rank=run.dist.rank)
+    return int(state["step"]), list(state.get("metrics", [])), found
+
+
+def fit(run: Run, ds, batch_groups: list, plan, *, start_step: int = 0, log=None, partial=None,
+        save_every: int = 0, on_step=None, last_checkpoint=None) -> None:
+    """Steps start_step+1 .. plan.total_steps: metrics to `log` (rank 0), a checkpoint every `save_every`
+    steps into `partial`, `on_step(row)` after each step. A divergence names the last good checkpoint."""
+    from alignpipe.checkpoint import save_checkpoint
+
+    stored = run.reference.kind == "stored"
+    for step in range(start_step + 1, plan.total_steps + 1):
+        try:
+            row = train_step(run, ds, batch_groups[plan.groups(step - 1)], stored, step)
+        except TrainingDiverged as e:
+            kept = f"the last good checkpoint is kept: {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+            raise TrainingDiverged(f"{e}; training stopped, {kept}; lower --lr or inspect that batch") from None
+        row["epoch"] = step / plan.steps_per_epoch
+        if log is not None:
+            log.write(row)
+        if on_step is not None:
+            on_step(row)
+        if save_every and step % save_every == 0 and step < plan.total_steps:
+            state = {"metrics": log.history if log is not None else [], "next_batch_index": row["batch_index"] + 1}
+            last_checkpoint = save_checkpoint(partial, step, run.module, run.optimizer, run.scheduler, state,
+                                              rank=run.dist.rank, world=run.dist.world, barrier=run.dist.barrier)
+
+
+def shutdown(dist: Dist) -> None:
+    """Leave the process group (several processes)."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()

@@ -1,0 +1,113 @@
+"""report: figures across the iterations of a run folder, as PNG plots and a Markdown summary.
+
+Reads the run layout the pipelines write:
+    RUN/iter-K/{generations,annotations,weighted,batches,policy}   one online iteration (policy = policy K+1)
+    RUN/eval/iter-K/{generations,scores,versus-0}                   held-out evaluation of policy K
+and writes RUN/report/{report.png, summary.md, summary.json}.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from alignpipe.cli_common import handle_errors, say
+from alignpipe.errors import UserError
+from alignpipe.manifest import read_manifest
+
+
+def _iters(root: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in root.glob("iter-*") if p.name.split("-")[1].isdigit())
+
+
+def _mean(path: Path, column: str) -> float | None:
+    from alignpipe.io import _load
+
+    if not (path / "manifest.json").exists():
+        return None
+    values = [v for v in _load(path)[column] if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _train_metrics(policy: Path) -> dict:
+    f = policy / "metrics.jsonl"
+    if not f.exists():
+        return {}
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return {}
+    last = rows[-max(1, len(rows) // 4):]  # the last quarter of the steps
+
+    def avg(key):
+        vals = [r[key] for r in last if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+    return {"train_loss": avg("loss"), "reward_accuracy": avg("rewards/accuracy"), "kl": avg("kl"),
+            "steps": len(rows)}
+
+
+def collect(run: Path) -> list[dict]:
+    """One dict of figures per policy index K (policy 0 = the starting policy)."""
+    ev = run / "eval"
+    rows = []
+    for k in sorted(set(_iters(run)) | set(_iters(ev)) | {i + 1 for i in _iters(run)}):
+        e = ev / f"iter-{k}"
+        row = {"policy": k,
+               "mean_reward": _mean(e / "scores", "response1_reward"),
+               "win_rate_vs_0": (read_manifest(e / "versus-0") or {}).get("report", {}).get("win_rate"),
+               "response_tokens": _mean(e / "generations", "num_tokens")}
+        row.update(_train_metrics(run / f"iter-{k - 1}" / "policy") if k > 0 else {})
+        if any(v is not None for key, v in row.items() if key != "policy"):
+            rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("mean_reward", "mean reward (held-out)"), ("win_rate_vs_0", "win rate vs policy 0"),
+            ("response_tokens", "response length (tokens)"), ("train_loss", "training loss"),
+            ("reward_accuracy", "reward accuracy"), ("kl", "KL estimate")]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    for ax, (key, title) in zip(axes.flat, keys):
+        pts = [(r["policy"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o")
+        ax.set_title(title)
+        ax.set_xlabel("policy (iteration)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def markdown(rows: list[dict], run: Path) -> str:
+    cols = ["policy", "mean_reward", "win_rate_vs_0", "response_tokens", "train_loss", "reward_accuracy", "kl"]
+    lines = [f"# alignpipe report: {run}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r.get(c) is None else (f"{r[c]:.4g}" if isinstance(r[c], float)
+                                                                     else str(r[c])) for c in cols) + " |")
+    return "\n".join(lines) + "\n\nPolicy K is the policy after K training iterations (0 = the start).\n"
+
+
+@handle_errors
+def command(run: Annotated[Path, typer.Argument(help="A run folder (runs/NAME) written by a pipeline.")],
+            out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (default RUN/report).")] = None):
+    """PNG plots across iterations and a Markdown summary of a pipeline run."""
+    if not run.is_dir():
+        raise UserError(f"{run}: no such run folder")
+    rows = collect(run)
+    if not rows:
+        raise UserError(f"{run}: no iterations with results found (expected iter-K/ and eval/iter-K/ folders)")
+    out = out or run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    plot(rows, out / "report.png")
+    (out / "summary.md").write_text(markdown(rows, run))
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    print(markdown(rows, run))
+    say(f"report: {out / 'report.png'}")
