@@ -39,7 +39,7 @@ def _load_config(ctx: typer.Context, param, value):
     except FileNotFoundError:
         raise typer.BadParameter(f"{path}: no such file", param=param)
     except (OSError, yaml.YAMLError) as e:
-        raise typer.BadParameter(f"{path}: not valid YAML ({str(e).splitlines()[0]})", param=param)
+        raise typer.BadParameter(f"{path}: not valid YAML ({(str(e).splitlines() or [''])[0]})", param=param)
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{path}: must be a mapping of option names to values", param=param)
     names = {p.name for p in ctx.command.params if _is_option(p)} - {"config"}
@@ -72,7 +72,7 @@ def say(msg: str) -> None:
 def fail_line(e: BaseException) -> str:
     from alignpipe.manifest import redact
 
-    return redact(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return redact((str(e).splitlines() or [type(e).__name__])[0])
 
 
 def handle_errors(fn):

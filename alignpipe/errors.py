@@ -10,3 +10,9 @@ class UserError(Exception):
 
 class LockedError(UserError):
     """Another live process holds the output's lock."""
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message` of an exception, for one-line errors (empty messages included)."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines and lines[0] else type(e).__name__

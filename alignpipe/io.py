@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignpipe.errors import UserError
+from alignpipe.errors import UserError, first_line
 from alignpipe.manifest import read_manifest
 
 
@@ -54,7 +54,7 @@ def _load(path: Path):
     try:
         ds = load_from_disk(str(path))
     except Exception as e:  # corrupted arrow, bad json, ...
-        raise UserError(f"{path}: cannot read the dataset ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        raise UserError(f"{path}: cannot read the dataset ({first_line(e, 160)})")
     if not hasattr(ds, "features"):
         raise UserError(f"{path}: is a DatasetDict; pass one split folder, e.g. {path}/train")
     return ds

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignpipe.errors import UserError
+from alignpipe.errors import UserError, first_line
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -78,7 +78,7 @@ def load_tokenizer(path: Path | str, chat_template: Path | None = None, padding_
     try:
         tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(f"tokenizer {p}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
+        raise UserError(f"tokenizer {p}: cannot load ({first_line(e, 150)})")
     if chat_template is not None:
         if not Path(chat_template).is_file():
             raise UserError(f"--chat-template {chat_template}: no such file")
@@ -96,7 +96,7 @@ def _from_pretrained(cls, path: Path, dtype, trust_remote_code: bool, allow_pick
         return cls.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
                                    use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"{what} {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        raise UserError(f"{what} {path}: cannot load ({first_line(e, 160)})")
 
 
 def load_causal_lm(path: Path | str, *, dtype: str = "float32", device: str = "cpu", trust_remote_code=False,

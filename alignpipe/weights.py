@@ -155,9 +155,11 @@ def recency(t, *, decay: float = 0.5, current: int | None = None) -> Weights:
 def importance(t, *, policy: str, clip: float | None = None, truncate: float | None = None) -> Weights:
     """w = pi_current(y|x) / pi_behaviour(y|x) = exp(current_logp - behaviour_logp), per response.
 
-    current_logp{k} is response k's summed log-prob under `policy` (a forward pass the stage runs), and
-    behaviour_logp the column response{k}_behaviour_logp written by generate. clip=c bounds the ratio to [1/c, c] (c >= 1); truncate=c caps it at c
-    (min(ratio, c), as in truncated importance sampling); both may be given. Computed in log space."""
+    current_logp{k} is response k's summed log-prob under `policy` (a forward pass the stage runs) and
+    behaviour_logp the column response{k}_behaviour_logp written by generate (required: imported data has
+    none). clip=c bounds the ratio to [1/c, c] (c >= 1); truncate=c caps it at c (min(ratio, c), truncated
+    importance sampling); both may be given, clip first. Computed in log space; the stage reports the
+    effective sample size (sum w)^2 / sum w^2."""
     _require(clip is None or clip >= 1, f"strategy importance: clip must be >= 1 (ratio in [1/c, c]), got {clip}")
     _require(truncate is None or truncate > 0, f"strategy importance: truncate must be > 0, got {truncate}")
     _require("current_logp1" in t, "strategy importance: the current policy's log-probs were not computed")
@@ -176,8 +178,8 @@ def importance(t, *, policy: str, clip: float | None = None, truncate: float | N
 def class_balance(t, *, threshold: float | None = None) -> Weights:
     """w = n / (2 n_desirable) on desirable rows, n / (2 n_undesirable) on undesirable ones.
 
-    Pointwise rows only. The label is response1_label, or (where null) response1_reward >= threshold. Both classes then carry
-    half the total weight, as KTO's desirable/undesirable balance needs; the mean weight is 1."""
+    Pointwise rows only. The label is response1_label, or (where null) response1_reward >= threshold. Both
+    classes then carry half the total weight, as KTO's desirable/undesirable balance needs; the mean is 1."""
     labels = []
     for i, (lab, r) in enumerate(zip(t["response1_label"], t["response1_reward"])):
         if lab is None:
@@ -215,7 +217,12 @@ def function(t, *, target: str) -> Weights:
     fn = load_function(target)
     if not num_rows(t):
         return [], []
-    out, n = fn(dict(t)), num_rows(t)
+    n = num_rows(t)
+    try:
+        out = fn(dict(t))
+    except Exception as e:  # noqa: BLE001 -- the user's code: one line naming the function
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise UserError(f"strategy function {target} raised {type(e).__name__}: {first}")
     if isinstance(out, tuple) and len(out) == 2 and all(hasattr(x, "__len__") for x in out):
         w1, w2 = _floats(out[0], target, n), _floats(out[1], target, n)
         return w1, [w if is_pair(t, i) else None for i, w in enumerate(w2)]
@@ -364,7 +371,8 @@ def check_rows(name: str, t: dict) -> None:
         for c in s.needs:
             if t[c][i] is None and (pair or not c.startswith("response2")):
                 hint = next((h for k, h in _HINTS.items() if c.endswith(k)), "")
-                raise UserError(f"row {i}: column '{c}' is null; strategy {name} needs it" + (f" ({hint})" * bool(hint)))
+                hint = f" ({hint})" if hint else ""
+                raise UserError(f"row {i}: column '{c}' is null; strategy {name} needs it{hint}")
 
 
 def check_weights(w: Weights, t: dict, who: str) -> None:

@@ -31,12 +31,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from alignpipe.annotators import ANNOTATORS, Query, Runtime, Verdict, help_text
-from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say, up_to_date_message
+from alignpipe.cli_common import (
+    ConfigOpt,
+    ForceOpt,
+    OutOpt,
+    handle_errors,
+    resolved_config,
+    say,
+    up_to_date_message,
+)
 from alignpipe.errors import UserError
 
 PAIRINGS = ("pointwise", "all", "random", "best-worst")
@@ -281,18 +289,18 @@ def command(
     out: OutOpt,
     annotator: Annotated[list[str], typer.Option(
         "--annotator", "-a", help="NAME[:ARG][,key=value...] (repeatable); any takes ,weight=W. Known:\n\n\b\n" + help_text())],
-    weights: Annotated[Optional[str], typer.Option(help="Weights of the annotators in order, e.g. 1,0.5.")] = None,
-    pairing: Annotated[Optional[str], typer.Option(
+    weights: Annotated[str | None, typer.Option(help="Weights of the annotators in order, e.g. 1,0.5.")] = None,
+    pairing: Annotated[str | None, typer.Option(
         help=f"{' | '.join(PAIRINGS)} (default: all if an annotator is pairwise, else pointwise).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of --pairing random.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward of local models.")] = 8,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 for local models.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "auto",
-    cache_dir: Annotated[Optional[Path], typer.Option(
+    cache_dir: Annotated[Path | None, typer.Option(
         help="HTTP judge response cache (default ~/.cache/alignpipe/http).")] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Prompts per checkpointed shard.")] = 64,
-    num_shards: Annotated[Optional[int], typer.Option(help="Processes splitting the prompts (or WORLD_SIZE).")] = None,
-    shard_index: Annotated[Optional[int], typer.Option(help="This process's block (or RANK).")] = None,
+    num_shards: Annotated[int | None, typer.Option(help="Processes splitting the prompts (or WORLD_SIZE).")] = None,
+    shard_index: Annotated[int | None, typer.Option(help="This process's block (or RANK).")] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ):

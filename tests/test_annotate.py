@@ -199,7 +199,7 @@ def test_pairings(tmp_path, gens):
     r0, _ = annotate_ok(gens, "-a", "vader", "--pairing", "random", "--seed", "0", "--out", tmp_path / "r0")
     r0b, _ = annotate_ok(gens, "-a", "vader", "--pairing", "random", "--seed", "0", "--out", tmp_path / "r0b")
     r1, _ = annotate_ok(gens, "-a", "vader", "--pairing", "random", "--seed", "1", "--out", tmp_path / "r1")
-    idx = lambda ds: [(r["response1_sample_index"], r["response2_sample_index"]) for r in ds]  # noqa: E731
+    idx = lambda ds: [(r["response1_sample_index"], r["response2_sample_index"]) for r in ds]
     assert len(r0) == 4 and idx(r0) == idx(r0b) and idx(r0) != idx(r1)
     assert all(a < b for a, b in idx(r0)) and set(r0["pairing"]) == {"random"}
     g = [{"prompt_id": "x", "sample_index": i, "response": str(i)} for i in range(4)]
@@ -298,10 +298,10 @@ NAN_FN = "def score(prompt, response):\n    return float('nan') if response == '
     (["-a", "reward-model:/no/such/rm"], "/no/such/rm: no such folder"),
     (["-a", "regex:([a-z"], "invalid regular expression"),
     (["-a", "function:no_such_module_xyz:f"], "cannot import module 'no_such_module_xyz'"),
-    (["-a", "function:nanfn:score"], "row 3 (prompt_id p2, sample 0): annotator function:nanfn:score returned a "
-                                     "non-finite reward (nan)"),
-    (["-a", "http:http://127.0.0.1:9/v1,model=m,key_env=ALIGNPIPE_NO_SUCH_KEY"], "ALIGNPIPE_NO_SUCH_KEY (key_env) "
-                                                                                 "is not set"),
+    (["-a", "function:nanfn:score"],
+     "row 3 (prompt_id p2, sample 0): annotator function:nanfn:score returned a non-finite reward (nan)"),
+    (["-a", "http:http://127.0.0.1:9/v1,model=m,key_env=ALIGNPIPE_NO_SUCH_KEY"],
+     "ALIGNPIPE_NO_SUCH_KEY (key_env) is not set"),
 ])
 def test_bad_input(tmp_path, gens, tiny_lm_dir, monkeypatch, args, message):
     (tmp_path / "nanfn.py").write_text(NAN_FN)

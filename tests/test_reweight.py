@@ -96,6 +96,8 @@ def userfn(tmp_path_factory):
             return [-1.0] * len(t["response1"])
         def nan(t):
             return [float("nan")] * len(t["response1"])
+        def broken(t):
+            return t["no such column"]
         def words(t):
             return ["heavy"] * len(t["response1"])
         NOT_CALLABLE = 3
@@ -128,7 +130,7 @@ def test_abs_margin_clipped():
 
 
 def test_confidence():
-    w1, w2 = run("confidence", [pair(preference=0.8), pair(preference=0.5), pair(preference=0.1), pair(preference=1.0)])
+    w1, w2 = run("confidence", [pair(preference=p) for p in (0.8, 0.5, 0.1, 1.0)])
     assert close(w1, [0.6, 0.0, 0.8, 1.0], 1e-15) and w2 == w1  # |1.6-1|, |1-1|, |0.2-1|, |2-1|
 
 
@@ -188,7 +190,8 @@ def test_user_function(userfn):
     assert run(f"function:target={userfn}:per_response", rows) == ([1.0, 1.0], [3.0, None])
     bad = {"wrong_length": "returned 1 weights for 2 rows", "negative": "row 0: strategy function gave response1 "
            "weight -1.0", "nan": "weight nan", "words": "must return one number per row",
-           "NOT_CALLABLE": "is not callable", "missing": "cannot load"}
+           "NOT_CALLABLE": "is not callable",
+           "broken": "function reweight_userfn:broken raised KeyError: 'no such column'", "missing": "cannot load"}
     for name, message in bad.items():
         with pytest.raises(UserError, match=message):
             run(f"function:{userfn}:{name}", rows)
@@ -423,7 +426,8 @@ def test_command_bad_inputs_exit_2_and_write_nothing(tmp_path, tiny_lm_dir):
 def test_editing_the_user_function_makes_the_output_out_of_date(tmp_path, monkeypatch):
     (tmp_path / "reweight_userfn_edit.py").write_text("def w(t):\n    return [1.0] * len(t['response1'])\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    args = [write_annotations(tmp_path / "ann", [pair()]), "--out", tmp_path / "w", "-s", "function:reweight_userfn_edit:w"]
+    ann = write_annotations(tmp_path / "ann", [pair()])
+    args = [ann, "--out", tmp_path / "w", "-s", "function:reweight_userfn_edit:w"]
     assert _invoke(*args).exit_code == 0
     m = json.loads((tmp_path / "w" / "manifest.json").read_text())
     assert m["inputs"][1]["path"] == str(tmp_path / "reweight_userfn_edit.py")

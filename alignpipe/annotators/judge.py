@@ -21,8 +21,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignpipe.annotators import (Query, Verdict, fill, load_template, parse_labels, prompt_text, quantise,
-                                  swap_average)
+from alignpipe.annotators import (
+    Query,
+    Verdict,
+    fill,
+    load_template,
+    parse_labels,
+    prompt_text,
+    quantise,
+    swap_average,
+)
 from alignpipe.errors import UserError
 
 
@@ -83,8 +91,8 @@ class LMJudge:
             ids[i, T - len(s):] = torch.tensor(s)
             mask[i, T - len(s):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        kw = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                  position_ids=pos.to(self.device), use_cache=False)
+        kw = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+              "position_ids": pos.to(self.device), "use_cache": False}
         try:
             return self.model(**kw, logits_to_keep=1).logits[:, -1]
         except TypeError:  # architectures without logits_to_keep

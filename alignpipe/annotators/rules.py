@@ -28,7 +28,7 @@ class Rule:
     def _one(self, q: Query) -> Verdict:
         try:
             value = self.fn(q.prompt, q.response)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - user code: any failure becomes a one-line error
             raise UserError(f"{q.where}: annotator {self.name} raised {type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160] if str(e) else ''}")
         if value is None:
@@ -55,9 +55,9 @@ def build_regex(spec, runtime) -> Rule:
     except re.error as e:
         raise UserError(f"--annotator '{spec.text}': invalid regular expression ({e})")
     if spec.options["count"]:
-        fn = lambda prompt, response: float(len(pattern.findall(response)))  # noqa: E731
+        fn = lambda prompt, response: float(len(pattern.findall(response)))
     else:
-        fn = lambda prompt, response: 1.0 if pattern.search(response) else 0.0  # noqa: E731
+        fn = lambda prompt, response: 1.0 if pattern.search(response) else 0.0
     return Rule(spec.identity(), fn, {"pattern": spec.arg, "count": spec.options["count"]})
 
 
