@@ -8,7 +8,7 @@ Checkpoints of a training run are written atomically into the stage's partial fo
         optimizer.pt            AdamW state (torch.save of tensors and numbers; loaded with weights_only)
         scheduler.pt            learning-rate schedule state
         rng-R.pt                python and torch (CPU, CUDA) RNG states of rank R
-        state.json              step, next batch position, metrics so far, world size, file sizes; written last
+        state.json              step, next batch index, metrics so far, world size, file sizes (written last)
 
 The folder is written as `checkpoint-STEP.tmp` and renamed when whole, so a killed run leaves either the
 previous checkpoint or the new one; leftover `.tmp` folders are removed by `StageOutput`. Only the newest
@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def gather_trainable(module) -> dict:
 
 
 def set_trainable(module, state: dict, where) -> None:
-    """Load a (full) trainable state dict into `module` (sharded or not); every trainable name must be there."""
+    """Load a full trainable state dict into `module` (sharded or not); every trainable name must be there."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     names = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -125,7 +126,7 @@ def latest_checkpoint(partial: Path) -> Path | None:
 
 
 def _damaged(path: Path, what: str) -> UserError:
-    return UserError(f"checkpoint {path}: {what}; delete that folder to start the run over (or rerun with --force)")
+    return UserError(f"checkpoint {path}: {what}; delete that folder to start over (or rerun with --force)")
 
 
 def read_state(path: Path) -> dict:
@@ -175,11 +176,23 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, *, rank: int = 0) 
         set_optimizer_state_dict(module, optimizer, _torch_load(path, "optimizer.pt"), options=_full())
         scheduler.load_state_dict(_torch_load(path, "scheduler.pt"))
     except (ValueError, KeyError, RuntimeError) as e:
-        raise _damaged(path, f"optimizer/scheduler state does not fit this run ({str(e).splitlines()[0][:120]})")
+        raise _damaged(path, f"optimizer/scheduler state does not fit ({str(e).splitlines()[0][:120]})")
     rng = path / f"rng-{rank}.pt"
     if rng.exists():  # absent when resuming with more processes than wrote it: that rank starts fresh
         set_rng_state(_torch_load(path, rng.name))
     return state
+
+
+def resume(partial: Path, module, optimizer, scheduler, *, rank: int = 0, require: bool = False):
+    """(steps done, metrics so far, checkpoint path) from the newest checkpoint under `partial`, or a fresh
+    start (0, [], None); `require` (--resume) makes a missing checkpoint an error."""
+    found = latest_checkpoint(partial)
+    if found is None:
+        if require:
+            raise UserError(f"--resume: no checkpoint under {partial} for these inputs and options")
+        return 0, [], None
+    state = load_checkpoint(found, module, optimizer, scheduler, rank=rank)
+    return int(state["step"]), list(state.get("metrics", [])), found
 
 
 # ------------------------------------------------------------------------------------ the policy to train
@@ -210,14 +223,15 @@ def _load_reward_policy(path, init_reward_head: bool):
         return load_reward_model(path)
     if not init_reward_head:
         raise UserError(f"policy {path}: is a {archs[0] if archs else 'model'}, not a reward model "
-                        f"(*ForSequenceClassification); pass --init-reward-head to add a new score head to it")
+                        f"(*ForSequenceClassification); pass --init-reward-head to add a new score head")
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "some weights newly initialised": that is the point
     try:
-        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, use_safetensors=True)
+        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1,
+                                                                  use_safetensors=True)
     finally:
         logging.set_verbosity(verbosity)
 
@@ -229,13 +243,29 @@ def apply_lora(model, lora: LoraOptions, task: str):
                         target_modules=list(lora.target_modules) if lora.target_modules else "all-linear",
                         task_type="SEQ_CLS" if task == "reward" else "CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as e:
         raise UserError(f"--target-modules: {str(e).splitlines()[0][:200]}")
 
 
 def is_peft(module) -> bool:
     return hasattr(module, "disable_adapter") and hasattr(module, "peft_config")
+
+
+def frozen(model):
+    """A model as a reference: eval mode, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def frozen_copy(module):
+    """The initial policy as a frozen reference (call before training or loading a checkpoint)."""
+    import copy
+
+    return frozen(copy.deepcopy(module))
 
 
 def load_policy(path, task: str, *, lora: LoraOptions | None = None, init_reward_head: bool = False,
@@ -256,14 +286,19 @@ def load_policy(path, task: str, *, lora: LoraOptions | None = None, init_reward
     model.config.use_cache = False
     if gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if lora is not None:
         model = apply_lora(model, lora, task)
     return model, tokenizer
 
 
 # ------------------------------------------------------------------------------------- the final policy
-def save_policy(module, tokenizer, folder, *, base_path=None, merge: bool = False, dtype: str = "float32") -> str:
+def save_policy(module, tokenizer, folder, *, base_path=None, merge: bool = False,
+                dtype: str = "float32") -> str:
     """Write the trained policy into `folder`: an adapter folder (base_model_name_or_path = the absolute base
     path), merged full weights, or the full model; tokenizer beside it. Returns what was written."""
     import torch

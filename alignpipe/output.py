@@ -130,7 +130,7 @@ class StageOutput:
     def write_shard(self, index: int, ds) -> None:
         """Save one finished shard atomically (a killed run resumes after the last whole shard)."""
         tmp = self.partial / f"shard-{index:05d}.tmp{os.getpid()}"
-        ds.save_to_disk(str(tmp))
+        ds.save_to_disk(str(tmp), num_shards=1 if len(ds) == 0 else None)  # 0 rows: still one data file
         (tmp / "done").write_text("")
         os.replace(tmp, self._shard_dir(index))
 
@@ -156,7 +156,7 @@ class StageOutput:
             if ds is not None:
                 if self.kind:
                     ds = conform(ds, self.kind)
-                ds.save_to_disk(str(tmp), num_proc=None)
+                ds.save_to_disk(str(tmp), num_proc=None, num_shards=1 if len(ds) == 0 else None)
                 num_rows = len(ds)
             else:
                 tmp.mkdir(parents=True)

@@ -42,11 +42,17 @@ class Sample:
     logp: float
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
+def derive_seed(seed: int, index: int) -> int:
+    """A 60-bit seed for item `index` of a run seeded with `seed` (batches in generate, prompts in vLLM)."""
+    import hashlib
+
+    return int(hashlib.sha256(f"alignpipe:{seed}:{index}".encode()).hexdigest()[:15], 16)
+
+
+def eos_token_ids(tokenizer, generation_config=None) -> list[int]:
     """EOS ids: the generation config's, the tokenizer's, and the chat end token when the template uses it."""
     ids: list[int] = []
-    gen = getattr(model, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+    for value in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         ids += value if isinstance(value, (list, tuple)) else ([value] if value is not None else [])
     template = getattr(tokenizer, "chat_template", None) or ""
     for end in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
@@ -86,8 +92,9 @@ class Sampler:
 
         self.model, self.tokenizer, self.params = model.eval(), tokenizer, params
         self.device = next(model.parameters()).device
-        self.eos = torch.tensor(eos_ids if eos_ids is not None else eos_token_ids(model, tokenizer),
-                                device=self.device)
+        if eos_ids is None:
+            eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
+        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(self.eos[0])
         self.warpers = []
         if params.temperature not in (0, 1):

@@ -48,7 +48,8 @@ def batch_groups(ds) -> list[tuple[int, list[int]]]:
 
 
 def _ref_columns(task: str) -> list[str]:
-    return {"pointwise": ["response1_ref_logp"], "pairwise": ["response1_ref_logp", "response2_ref_logp"]}.get(task, [])
+    return {"pointwise": ["response1_ref_logp"],
+            "pairwise": ["response1_ref_logp", "response2_ref_logp"]}.get(task, [])
 
 
 def _arrow(ds):
@@ -171,7 +172,8 @@ def collate_group(group: dict[str, list], task: str, pad_id: int, device, real: 
         return torch.tensor(values, dtype=torch.float32, device=device)
 
     batch = Batch(t["input_ids"], t["attention_mask"], t["response_mask"], f32(example_weights(group, task)),
-                  num_examples=len(group["example_id"]) if real else 0, num_tokens=int(t["attention_mask"].sum()))
+                  num_examples=len(group["example_id"]) if real else 0,
+                  num_tokens=int(t["attention_mask"].sum()))
     if task == "pointwise":
         batch.label = torch.tensor(group["response1_label"], dtype=torch.bool, device=device)
     if task == "reward":

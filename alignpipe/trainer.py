@@ -4,12 +4,14 @@ A step: forward (chosen and rejected concatenated), reference log-probs, loss fr
 backward, gradient clipping, AdamW, schedule, metrics. Not a `transformers.Trainer`.
 
 Weighted normalisation across micro-batches and processes. A loss returns, for micro-batch m,
-L_m = sum_{i in m} w_i l_i / W_m with W_m = sum_{i in m} w_i. A step covers micro-batches 1..k (k = --grad-accum
-stored batches) on each of P processes, and its objective is L = sum_i w_i l_i / W over all of them (W the
-step's total weight). So each micro-batch is back-propagated as (W_m / W) * L_m, times P because DDP averages
-gradients: the all-reduced gradient is exactly grad L, what one process gets from the whole step as one
-micro-batch. Weight 0 = absent row and weight 2 = duplicated row therefore hold for whole steps too. Batch
-statistics inside a loss (KTO's reference point z0) are per stored batch, all-reduced over the processes.
+L_m = sum_{i in m} w_i l_i / W_m with W_m = sum_{i in m} w_i. A step covers micro-batches 1..k
+(k = --grad-accum stored batches) on each of P processes, and its objective is L = sum_i w_i l_i / W over
+all of them (W the step's total weight, known to every rank since each reads the whole global batch). So
+each micro-batch is back-propagated as (W_m / W) * L_m, times P because DDP (and FSDP) average gradients
+over processes: the all-reduced gradient is exactly grad L, what one process gets from the whole step as
+one micro-batch. Weight 0 = absent row and weight 2 = duplicated row therefore hold for whole steps too.
+Metrics are combined the same way (sum of (W_m / W) * metric_m). Batch statistics inside a loss (KTO's
+reference point z0) are per stored batch, all-reduced over the processes.
 
 Several processes: plain `torch.distributed` (gloo on CPU, NCCL on GPUs) from the RANK / WORLD_SIZE /
 LOCAL_RANK variables that `torchrun` and `accelerate launch` set; no `Accelerator` object, so loss scaling
@@ -21,7 +23,6 @@ by --sharding or read from the FSDP / DeepSpeed settings `accelerate launch` exp
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import time
@@ -78,7 +79,8 @@ def sharding_mode(choice: str = "auto", env=None) -> str:
         if strategy in ("NO_SHARD", "3"):
             return "none"
         grad_op = strategy in ("SHARD_GRAD_OP", "2", "HYBRID_SHARD_ZERO2", "5")
-        return "grad-op" if grad_op or env.get("FSDP_RESHARD_AFTER_FORWARD", "").lower() == "false" else "full"
+        reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "").lower() != "false"
+        return "full" if reshard and not grad_op else "grad-op"
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         return "full" if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else "grad-op"
     return "none"
@@ -115,7 +117,7 @@ class Reference:
 
 @dataclass
 class Run:
-    model: object  # forward/backward go through it (the DDP wrapper under several processes)
+    model: object  # forward/backward go through it (the DDP wrapper, or the FSDP-sharded module)
     module: object  # the bare model (a PeftModel with LoRA): saving, checkpoints, adapter-disabled reference
     optimizer: object
     scheduler: object
@@ -167,7 +169,7 @@ def build_scheduler(optimizer, kind: str, warmup: int, total: int):
 def prepare(module, *, reference: Reference, task: str, loss: str, hparams: dict, pad_id: int, dist: Dist,
             lr: float, weight_decay: float, scheduler: str, warmup_steps: int, total_steps: int,
             dtype: str = "float32", max_grad_norm: float = 1.0) -> Run:
-    """Move the policy to its device, wrap it for DDP, and build optimizer and schedule."""
+    """Move the policy to its device, wrap it (DDP) or shard it (FSDP2), build optimizer and schedule."""
     module.to(dist.device).train()
     if reference.model is not None:
         reference.model.to(dist.device)
@@ -181,7 +183,8 @@ def prepare(module, *, reference: Reference, task: str, loss: str, hparams: dict
         model = DistributedDataParallel(module, device_ids=ids)
     optimizer = build_optimizer(module, lr, weight_decay)
     sched = build_scheduler(optimizer, scheduler, warmup_steps, total_steps)
-    return Run(model, module, optimizer, sched, reference, task, loss, hparams, pad_id, dist, dtype, max_grad_norm)
+    return Run(model, module, optimizer, sched, reference, task, loss, hparams, pad_id, dist, dtype,
+               max_grad_norm)
 
 
 def shard(module, reshard_after_forward: bool):
@@ -225,18 +228,6 @@ def unsharded(run: Run, rebuild):
     fresh = rebuild()
     set_trainable(fresh, weights, "gathered weights")
     return fresh
-
-
-def frozen(model):
-    """A model as a reference: eval mode, no gradients."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def frozen_copy(module):
-    """The initial policy as a frozen reference (call before training or loading a checkpoint)."""
-    return frozen(copy.deepcopy(module))
 
 
 # ----------------------------------------------------------------------------------------- forwards
@@ -335,8 +326,7 @@ def accumulate_gradients(run: Run, micro: list, total_weight: float) -> dict:
             sums[k] = sums.get(k, 0.0) + v.double() * share
         examples, tokens = examples + batch.num_examples, tokens + batch.num_tokens
     keys = sorted(sums)
-    flat = torch.stack([torch.as_tensor(sums[k]).double().cpu() for k in keys]
-                       + [torch.tensor(float(examples), dtype=torch.float64), torch.tensor(float(tokens), dtype=torch.float64)])
+    flat = torch.tensor([float(sums[k]) for k in keys] + [examples, tokens], dtype=torch.float64)
     flat = run.dist.all_reduce(flat.to(run.dist.device)).cpu().tolist()
     return {**dict(zip(keys, flat[:-2])), "examples": int(flat[-2]), "tokens": int(flat[-1])}
 
@@ -363,32 +353,20 @@ def train_step(run: Run, ds, groups: list, stored_reference: bool, step: int) ->
     from alignpipe.train_data import micro_batches
 
     start = time.perf_counter()
-    micro, total_weight, _ = micro_batches(ds, groups, run.task, stored_reference, run.pad_id, run.dist.device,
-                                           run.dist.rank, run.dist.world)
+    d = run.dist
+    micro, total_weight, _ = micro_batches(ds, groups, run.task, stored_reference, run.pad_id, d.device,
+                                           d.rank, d.world)
     metrics = optimizer_step(run, accumulate_gradients(run, micro, total_weight), step)
     seconds = time.perf_counter() - start
     return {"step": step, "epoch": 0.0, "batch_index": groups[0][0], **metrics, "seconds": seconds,
             "tokens/s": metrics["tokens"] / seconds, "examples/s": metrics["examples"] / seconds}
 
 
-def resume(run: Run, partial, require: bool = False) -> tuple[int, list, object]:
-    """(steps done, metrics so far, checkpoint path) from the newest checkpoint under `partial`, or a fresh
-    start (0, [], None); `require` makes a missing checkpoint an error."""
-    from alignpipe.checkpoint import latest_checkpoint, load_checkpoint
-
-    found = latest_checkpoint(partial)
-    if found is None:
-        if require:
-            raise UserError(f"--resume: no checkpoint under {partial} for these inputs and options")
-        return 0, [], None
-    state = load_checkpoint(found, run.module, run.optimizer, run.scheduler, rank=run.dist.rank)
-    return int(state["step"]), list(state.get("metrics", [])), found
-
-
 def fit(run: Run, ds, batch_groups: list, plan, *, start_step: int = 0, log=None, partial=None,
         save_every: int = 0, on_step=None, last_checkpoint=None) -> None:
     """Steps start_step+1 .. plan.total_steps: metrics to `log` (rank 0), a checkpoint every `save_every`
-    steps into `partial`, `on_step(row)` after each step. A divergence names the last good checkpoint."""
+    steps and after the last into `partial`, `on_step(row)` after each step. A divergence names the last
+    good checkpoint."""
     from alignpipe.checkpoint import save_checkpoint
 
     stored = run.reference.kind == "stored"
@@ -396,17 +374,20 @@ def fit(run: Run, ds, batch_groups: list, plan, *, start_step: int = 0, log=None
         try:
             row = train_step(run, ds, batch_groups[plan.groups(step - 1)], stored, step)
         except TrainingDiverged as e:
-            kept = f"the last good checkpoint is kept: {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
-            raise TrainingDiverged(f"{e}; training stopped, {kept}; lower --lr or inspect that batch") from None
+            kept = f"last good checkpoint kept: {last_checkpoint}" if last_checkpoint else "no checkpoint"
+            raise TrainingDiverged(f"{e}; training stopped, {kept}; lower --lr or check the batch") from None
         row["epoch"] = step / plan.steps_per_epoch
         if log is not None:
             log.write(row)
         if on_step is not None:
             on_step(row)
-        if save_every and step % save_every == 0 and step < plan.total_steps:
-            state = {"metrics": log.history if log is not None else [], "next_batch_index": row["batch_index"] + 1}
+        # a checkpoint after the last step too: a crash while writing the output resumes with no step left
+        if save_every and (step % save_every == 0 or step == plan.total_steps):
+            state = {"metrics": log.history if log is not None else [],
+                     "next_batch_index": row["batch_index"] + 1}
+            d = run.dist
             last_checkpoint = save_checkpoint(partial, step, run.module, run.optimizer, run.scheduler, state,
-                                              rank=run.dist.rank, world=run.dist.world, barrier=run.dist.barrier)
+                                              rank=d.rank, world=d.world, barrier=d.barrier)
 
 
 def shutdown(dist: Dist) -> None:

@@ -30,6 +30,7 @@ and reading OUT concatenates the parts, equal to a one-process run row for row.
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Annotated
 
@@ -48,6 +49,8 @@ from alignpipe.cli_common import (
 from alignpipe.errors import UserError
 
 PAIRINGS = ("pointwise", "all", "random", "best-worst")
+COMBINATION = ("reward = sum_k w_k*score_k over pointwise annotators (null if one abstained); preference = "
+               "sum_k w_k*P_k / sum_k w_k over pairwise annotators with a verdict, else sigmoid(r1 - r2)")
 
 
 # -- pure core --------------------------------------------------------------------------------------------
@@ -87,7 +90,8 @@ def combined_reward(verdicts: list[Verdict], weights: list[float]) -> float | No
 
 def combined_preference(verdicts: list[Verdict], weights: list[float], r1, r2) -> float | None:
     """Weighted mean of the pairwise verdicts that answered; else sigmoid(r1 - r2) when both rewards exist."""
-    live = [(w, v.preference) for w, v in zip(weights, verdicts) if not v.abstained and v.preference is not None]
+    live = [(w, v.preference) for w, v in zip(weights, verdicts)
+            if not v.abstained and v.preference is not None]
     if live:
         return float(sum(w * p for w, p in live) / sum(w for w, _ in live))
     if r1 is None or r2 is None:
@@ -97,8 +101,6 @@ def combined_preference(verdicts: list[Verdict], weights: list[float], r1, r2) -
 
 def make_pairs(gens: list[dict], pairing: str, rewards: dict, seed: int) -> list[tuple[dict, dict | None]]:
     """The (response1, response2) units of one prompt's generations under a pairing."""
-    import random
-
     gens = sorted(gens, key=lambda g: g["sample_index"])
     if pairing == "pointwise":
         return [(g, None) for g in gens]
@@ -120,7 +122,8 @@ def make_pairs(gens: list[dict], pairing: str, rewards: dict, seed: int) -> list
 def _raw(name: str, v1: Verdict | None, v2: Verdict | None, pv: Verdict | None) -> dict:
     if pv is not None:
         return {"name": name, "score1": None, "score2": None, "preference": pv.preference,
-                "preference_12": pv.p12, "preference_21": pv.p21, "abstained": pv.abstained, "reason": pv.reason}
+                "preference_12": pv.p12, "preference_21": pv.p21, "abstained": pv.abstained,
+                "reason": pv.reason}
     reasons = "; ".join(v.reason for v in (v1, v2) if v is not None and v.reason)
     return {"name": name, "score1": v1.score, "score2": v2.score if v2 else None, "preference": None,
             "preference_12": None, "preference_21": None,
@@ -240,7 +243,8 @@ def resolve_pairing(pairing: str | None, specs: list, kind: str, path: Path) -> 
     pairwise = [s for s in specs if s.info.pairwise]
     if kind == "annotations":
         if pairing is not None:
-            raise UserError(f"--pairing {pairing}: {path} is an annotations dataset, whose rows keep their pairing")
+            raise UserError(f"--pairing {pairing}: {path} is an annotations dataset; its rows keep their "
+                            f"pairing")
         return "as-input"
     pairing = pairing or ("all" if pairwise else "pointwise")
     if pairing not in PAIRINGS:
@@ -262,9 +266,14 @@ def _check_generations(ds, path: Path) -> None:
         seen[key] = i
 
 
-def _shard_groups(groups: list, num_shards: int, shard_index: int) -> list:
-    """The shard_index-th of num_shards contiguous blocks of prompts (sizes differ by at most one)."""
+def _check_groups(groups: list, pairing: str, num_shards: int, shard_index: int, path: Path) -> list:
+    """This process's contiguous block of prompts (block sizes differ by at most one); refuses empty work."""
+    if pairing not in ("pointwise", "as-input") and all(len(g) < 2 for g in groups):
+        raise UserError(f"{path}: every prompt has fewer than two generations, so --pairing {pairing} forms "
+                        f"no pair; use --pairing pointwise or generate more samples per prompt")
     n = len(groups)
+    if num_shards > n:
+        raise UserError(f"--num-shards {num_shards}: more processes than the {n} prompts of {path}")
     return groups[shard_index * n // num_shards: (shard_index + 1) * n // num_shards]
 
 
@@ -285,11 +294,13 @@ def _summary(out, annotators, groups_count: int, pairing: str) -> dict:
 @handle_errors
 def command(
     ctx: typer.Context,
-    input: Annotated[Path, typer.Argument(help="generations (from `alignpipe generate`) or annotations to re-judge.")],
+    input: Annotated[Path, typer.Argument(
+        help="generations (from `alignpipe generate`) or annotations to re-judge.")],
     out: OutOpt,
     annotator: Annotated[list[str], typer.Option(
-        "--annotator", "-a", help="NAME[:ARG][,key=value...] (repeatable); any takes ,weight=W. Known:\n\n\b\n" + help_text())],
-    weights: Annotated[str | None, typer.Option(help="Weights of the annotators in order, e.g. 1,0.5.")] = None,
+        "--annotator", "-a",
+        help="NAME[:ARG][,key=value...] (repeatable); any takes ,weight=W. Known:\n\n\b\n" + help_text())],
+    weights: Annotated[str | None, typer.Option(help="Weights of the annotators in order: 1,0.5.")] = None,
     pairing: Annotated[str | None, typer.Option(
         help=f"{' | '.join(PAIRINGS)} (default: all if an annotator is pairwise, else pointwise).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of --pairing random.")] = 0,
@@ -299,8 +310,9 @@ def command(
     cache_dir: Annotated[Path | None, typer.Option(
         help="HTTP judge response cache (default ~/.cache/alignpipe/http).")] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Prompts per checkpointed shard.")] = 64,
-    num_shards: Annotated[int | None, typer.Option(help="Processes splitting the prompts (or WORLD_SIZE).")] = None,
-    shard_index: Annotated[int | None, typer.Option(help="This process's block (or RANK).")] = None,
+    num_shards: Annotated[int | None, typer.Option(help="Processes splitting the prompts.")] = None,
+    shard_index: Annotated[int | None, typer.Option(
+        help="This process's block (these two default to WORLD_SIZE and RANK).")] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ):
@@ -318,6 +330,8 @@ def command(
     pairing_ = resolve_pairing(pairing, specs, kind, input)
     if kind == "generations":
         _check_generations(ds, input)
+    keys = ds["prompt_id"] if kind == "generations" else [str(i) for i in range(len(ds))]
+    groups = _check_groups(group_by_prompt(keys), pairing_, num_shards, shard_index, input)
     inputs = [input] + [p for s in specs for p in spec_inputs(s)]
     target = part_path(out, num_shards, shard_index) if num_shards > 1 else out
     cfg = {**resolved_config(ctx, drop=("force", "config", "out", "cache_dir")), "pairing": pairing_,
@@ -327,8 +341,6 @@ def command(
         return up_to_date_message("annotate", target)
     runtime = Runtime(device=device, dtype=dtype, batch_size=batch_size, cache_dir=cache_dir)
     annotators = [build(s, runtime) for s in specs]
-    keys = ds["prompt_id"] if kind == "generations" else [str(i) for i in range(len(ds))]
-    groups = _shard_groups(group_by_prompt(keys), num_shards, shard_index)
     work = _groups_dataset(groups)
 
     def fn(part, index):
@@ -338,6 +350,7 @@ def command(
     with so:
         result = map_shards(so, work, fn, shard_size, desc="annotate")
         so.report = {**_summary(result, annotators, len(groups), pairing_), "weights": weights_,
+                     "combination": COMBINATION,
                      "annotators": [a.describe() for a in annotators], **so.report}
         so.finish(result)
     say(f"annotate: {len(result)} rows ({pairing_}) from {len(groups)} prompts -> {target}")

@@ -82,7 +82,7 @@ def test_reward_model_scores_equal_direct_forward(tmp_path, gens, tiny_rm_dir):
     assert m["schema"]["kind"] == "annotations" and m["num_rows"] == 12
     assert m["report"]["annotators"][0]["model"] == str(tiny_rm_dir)
     assert m["config"]["annotator"] == [f"reward-model:{tiny_rm_dir}"]
-    assert ds[0]["policy"] == "fp-tiny" and ds[0]["iteration"] == 2 and ds[0]["response1_behaviour_logp"] == -1.5
+    assert (ds[0]["policy"], ds[0]["iteration"], ds[0]["response1_behaviour_logp"]) == ("fp-tiny", 2, -1.5)
     before = (out / "manifest.json").read_text()
     code, output = run(gens, "--annotator", f"reward-model:{tiny_rm_dir}", "--out", out, "--batch-size", "5",
                        "--device", "cpu")
@@ -134,7 +134,8 @@ def test_pointwise_judge_is_expected_score(tiny_lm_dir):
     with torch.no_grad():
         p = torch.softmax(j.model(input_ids=ids).logits[0, -1, j.label_ids].float(), -1)
     assert v.score == pytest.approx(sum((s + 1) * p[s].item() for s in range(7)), abs=1e-5)
-    assert 1 <= v.score <= 7 and j.label_ids == [j.tokenizer.convert_tokens_to_ids(str(s)) for s in range(1, 8)]
+    assert 1 <= v.score <= 7
+    assert j.label_ids == [j.tokenizer.convert_tokens_to_ids(str(s)) for s in range(1, 8)]
 
 
 def test_pairwise_judge_through_the_command(tmp_path, gens, tiny_lm_dir):
@@ -142,24 +143,61 @@ def test_pairwise_judge_through_the_command(tmp_path, gens, tiny_lm_dir):
     ds, _ = annotate_ok(gens, "-a", f"pairwise-judge:{tiny_lm_dir},template=conciseness", "--out", out,
                         "--device", "cpu")
     assert len(ds) == 4 * 3 and set(ds["pairing"]) == {"all"}  # 3 pairs per prompt
-    assert [(r["response1_sample_index"], r["response2_sample_index"]) for r in ds][:3] == [(0, 1), (0, 2), (1, 2)]
+    pairs = [(r["response1_sample_index"], r["response2_sample_index"]) for r in ds]
+    assert pairs[:3] == [(0, 1), (0, 2), (1, 2)]
     for row in ds:
         (raw,) = row["raw"]
-        assert row["preference"] == raw["preference"] == 0.5 * (raw["preference_12"] + 1 - raw["preference_21"])
+        assert row["preference"] == raw["preference"]
+        assert raw["preference"] == 0.5 * (raw["preference_12"] + 1 - raw["preference_21"])
         assert row["response1_reward"] is None
     report = read_manifest(out)["report"]
-    assert "Which response is more concise" in report["annotators"][0]["template"]
-    assert report["annotators"][0]["answers"] == ["1", "2"] and report["abstentions"] == {ds[0]["annotator"][2:]: 0}
+    assert "is more concise (answers the request in fewer words" in report["annotators"][0]["template"]
+    assert report["annotators"][0]["answers"] == ["1", "2"]
+    assert report["abstentions"] == {ds[0]["annotator"][2:]: 0}
 
 
 def test_shorter_answer_preferred_by_scripted_length_judge(tmp_path, gens):
     """Length decides these fixtures; the judge is the `length` rule with a negative weight (scripted)."""
-    ds, _ = annotate_ok(gens, "-a", "length,unit=words,weight=-1", "--pairing", "all", "--out", tmp_path / "a")
+    out = tmp_path / "o"
+    ds, _ = annotate_ok(gens, "-a", "length,unit=words,weight=-1", "--pairing", "all", "--out", out)
     for row in ds:
         shorter_first = len(row["response1"].split()) < len(row["response2"].split())
         assert (row["preference"] > 0.5) == shorter_first
         assert row["preference"] == pytest.approx(
             1 / (1 + math.exp(-(row["response1_reward"] - row["response2_reward"]))))
+
+
+def test_judge_trained_to_prefer_the_shorter_answer_prefers_it(tmp_path, tiny_lm_dir):
+    """The tiny LM, trained for 40 steps on random pairs to answer the shorter one, judges held-out pairs."""
+    import random
+
+    template = tmp_path / "shorter.txt"
+    template.write_text("Which answer is shorter?\n{label_a}: {response_a}\n{label_b}: {response_b}")
+    j = build(parse_spec(f"pairwise-judge:{tiny_lm_dir},template={template}"), Runtime(batch_size=16))
+    words = ["the", "cat", "dog", "sun", "tree", "blue", "red", "fast", "slow", "big", "small", "house",
+             "river", "stone", "cloud", "green"]
+
+    def pair(rng):  # (first, second, index of the shorter): length decides
+        short, long = (" ".join(rng.choice(words) for _ in range(rng.randint(*n))) for n in ((1, 3), (6, 10)))
+        return (short, long, 0) if rng.random() < 0.5 else (long, short, 1)
+
+    torch.manual_seed(0)
+    rng, opt = random.Random(0), torch.optim.AdamW(j.model.parameters(), lr=1e-2)
+    j.model.train()
+    for _ in range(40):
+        batch = [pair(rng) for _ in range(16)]
+        logits = j._last_logits([j.encode(j.render(Query("", [], a, b), a, b)) for a, b, _ in batch])
+        target = torch.tensor([j.label_ids[y] for *_, y in batch])
+        loss = torch.nn.functional.cross_entropy(logits.float(), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    j.model.eval()
+    held_out = [pair(random.Random(1000 + i)) for i in range(50)]
+    verdicts = j.compare([Query("", [], a, b) for a, b, _ in held_out])
+    correct = sum((v.preference > 0.5) == (y == 0) for v, (_, _, y) in zip(verdicts, held_out))
+    print(f"trained tiny judge prefers the shorter answer on {correct}/50 held-out pairs")
+    assert correct >= 45, correct
 
 
 # -- rules, functions, combining --------------------------------------------------------------------------
@@ -207,19 +245,21 @@ def test_pairings(tmp_path, gens):
 
 
 def test_user_function_and_regex(tmp_path, gens, monkeypatch):
-    (tmp_path / "myscores.py").write_text("def score(prompt, response):\n    return response.count('!') * 2.0\n")
+    (tmp_path / "myscores.py").write_text("def score(prompt, response):\n"
+                                          "    return response.count('!') * 2.0\n")
     monkeypatch.chdir(tmp_path)
     ds, _ = annotate_ok(gens, "-a", "function:myscores:score", "-a", r"regex:^[A-Z]\w{1,3}\.$",
                         "--out", tmp_path / "f")
     for row in ds:
         assert row["raw"][0]["score1"] == row["response1"].count("!") * 2.0
         assert row["raw"][1]["score1"] == (1.0 if row["response1"] in ("Yes.", "No.") else 0.0)
+    assert str(tmp_path / "myscores.py") in [i["path"] for i in read_manifest(tmp_path / "f")["inputs"]]
 
 
 def test_annotations_input_is_rejudged(tmp_path):
     src = tmp_path / "pairs.jsonl"
-    src.write_text("".join(json.dumps({"prompt": f"Q{i}", "chosen": "short", "rejected": "a much longer answer"}) + "\n"
-                           for i in range(3)))
+    row = {"chosen": "short", "rejected": "a much longer answer"}
+    src.write_text("".join(json.dumps({"prompt": f"Q{i}", **row}) + "\n" for i in range(3)))
     assert runner.invoke(app, ["import", str(src), "--out", str(tmp_path / "imp")]).exit_code == 0
     ds, _ = annotate_ok(tmp_path / "imp", "-a", "length,weight=-1", "--out", tmp_path / "re")
     assert len(ds) == 3 and set(ds["pairing"]) == {"imported"}
@@ -228,11 +268,11 @@ def test_annotations_input_is_rejudged(tmp_path):
 
 # -- shards -----------------------------------------------------------------------------------------------
 def test_two_process_shards_equal_one(tmp_path, gens, tiny_rm_dir):
-    args = ["-a", "length", "-a", "vader", "-a", f"reward-model:{tiny_rm_dir}", "--pairing", "all", "--device",
-            "cpu"]
+    args = ["-a", "length", "-a", "vader", "-a", f"reward-model:{tiny_rm_dir}", "--pairing", "all",
+            "--device", "cpu"]
     one, _ = annotate_ok(gens, *args, "--out", tmp_path / "one")
     for i in range(2):
-        code, output = run(gens, *args, "--out", tmp_path / "two", "--num-shards", "2", "--shard-index", str(i))
+        code, output = run(gens, *args, "--out", tmp_path / "two", "--num-shards", 2, "--shard-index", i)
         assert code == 0, output
     two, _ = read_input(tmp_path / "two", "annotations", stage="test")
     assert len(two) == len(one) == 12
@@ -272,7 +312,8 @@ def test_every_registered_annotator_parses_and_is_documented(name):
 
 def test_spec_parsing():
     s = parse_spec("http:http://127.0.0.1:8/v1,model=gpt,concurrency=2,swap=false,weight=2")
-    assert (s.arg, s.options["concurrency"], s.options["swap"], s.weight) == ("http://127.0.0.1:8/v1", 2, False, 2.0)
+    assert (s.arg, s.options["concurrency"], s.options["swap"]) == ("http://127.0.0.1:8/v1", 2, False)
+    assert s.weight == 2.0
     assert parse_spec(r"regex:a{1,3}=b,count=true").arg == "a{1,3}=b"
     assert parse_spec("function:pkg.mod:fn").arg == "pkg.mod:fn"
     with pytest.raises(UserError, match="unknown option 'templat' for pairwise-judge"):
@@ -286,7 +327,8 @@ NAN_FN = "def score(prompt, response):\n    return float('nan') if response == '
     (["-a", "foo"], "unknown annotator 'foo' (known: reward-model, pairwise-judge"),
     (["-a", "length,unit=lines"], "unit must be chars or words"),
     (["-a", "pairwise-judge:{lm},template=/no/such.txt"], "/no/such.txt: no such file"),
-    (["-a", "pairwise-judge:{lm},template=rudeness"], "no built-in pairwise template of that name (known: conciseness"),
+    (["-a", "pairwise-judge:{lm},template=rudeness"],
+     "no built-in pairwise template of that name (known: conciseness"),
     (["-a", "pointwise-judge:{lm},scale=10"], "scale must be in 2..9"),
     (["-a", "pairwise-judge:{lm}", "--pairing", "pointwise"], "needs pairs"),
     (["-a", "pairwise-judge:{lm},labels=1/1"], "labels must be two different answers"),
@@ -307,7 +349,8 @@ def test_bad_input(tmp_path, gens, tiny_lm_dir, monkeypatch, args, message):
     (tmp_path / "nanfn.py").write_text(NAN_FN)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    code, output = run(gens, *[a.replace("{lm}", str(tiny_lm_dir)) for a in args], "--out", out, "--device", "cpu")
+    args = [a.replace("{lm}", str(tiny_lm_dir)) for a in args]
+    code, output = run(gens, *args, "--out", out, "--device", "cpu")
     assert code == 2, output
     assert message in output and len(output.strip().splitlines()) == 1, output
     assert not out.exists()
@@ -319,9 +362,21 @@ def test_bad_input_datasets(tmp_path, gens):
     src.write_text('{"prompt": "hi"}\n')
     assert runner.invoke(app, ["import", str(src), "--out", str(prompts)]).exit_code == 0
     code, output = run(prompts, "-a", "length", "--out", tmp_path / "o")
-    assert code == 2 and "is a 'prompts' dataset; `annotate` needs generations from `alignpipe generate`" in output
+    assert code == 2
+    assert "is a 'prompts' dataset; `annotate` needs generations from `alignpipe generate`" in output
     dup = write_generations(tmp_path / "dup", extra_rows=[{**read_input(gens, "generations", "t")[0][0]}])
     code, output = run(dup, "-a", "length", "--out", tmp_path / "o")
     assert code == 2 and "rows 0 and 12 are both prompt_id p1 sample 0" in output
     code, output = run(gens, "--out", tmp_path / "o")
     assert code == 2 and not (tmp_path / "o").exists()
+    single = write_generations(tmp_path / "single", {"p1": ["Only one."], "p2": ["Also one."]})
+    code, output = run(single, "-a", "length", "--pairing", "all", "--out", tmp_path / "o")
+    assert code == 2 and "every prompt has fewer than two generations" in output
+    code, output = run(single, "-a", "length", "--num-shards", 3, "--shard-index", 0, "--out", tmp_path / "o")
+    assert code == 2 and "more processes than the 2 prompts" in output and not (tmp_path / "o").exists()
+
+
+def test_a_shard_without_pairs(tmp_path):
+    mixed = write_generations(tmp_path / "mixed", {"p1": ["a", "bb"], "p2": ["only one"], "p3": ["c", "dd"]})
+    ds, _ = annotate_ok(mixed, "-a", "length", "--pairing", "all", "--shard-size", 1, "--out", tmp_path / "o")
+    assert [r["prompt_id"] for r in ds] == ["p1", "p3"]

@@ -19,7 +19,7 @@ from alignpipe.errors import UserError
 from alignpipe.io import read_input
 
 SECRET = "sk-test-0123456789abcdef"
-TEMPLATE = "Request: {prompt}\nA: {response_a}\nB: {response_b}\nWhich is shorter? Answer {label_a} or {label_b}."
+TEMPLATE = "Request: {prompt}\nA: {response_a}\nB: {response_b}\nWhich is shorter? {label_a} or {label_b}?"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -108,7 +108,8 @@ PAIRS = [("Yes.", "A long and winding answer."), ("Quite a long answer indeed.",
 
 
 def judge(server, template, tmp_path, **options):
-    opts = {"model": "judge-1", "key_env": "JUDGE_KEY", "template": str(template), "backoff": 0.001, **options}
+    opts = {"model": "judge-1", "key_env": "JUDGE_KEY", "template": str(template), "backoff": 0.001,
+            **options}
     spec = f"http:{server.base}," + ",".join(f"{k}={v}" for k, v in opts.items())
     return build(parse_spec(spec), Runtime(cache_dir=tmp_path / "cache"))
 
@@ -121,7 +122,8 @@ def test_good_answers_in_both_orders(server, template, tmp_path):
     verdicts = compare(judge(server, template, tmp_path))
     assert [v.preference for v in verdicts] == [1.0, 0.0, 1.0]
     assert [(v.p12, v.p21) for v in verdicts] == [(1.0, 0.0), (0.0, 1.0), (1.0, 0.0)]
-    assert server.requests == 6 and server.auth == {f"Bearer {SECRET}"} and server.paths == {"/v1/chat/completions"}
+    assert server.requests == 6 and server.auth == {f"Bearer {SECRET}"}
+    assert server.paths == {"/v1/chat/completions"}
 
 
 @pytest.mark.parametrize("mode", ["429-then-ok", "500-then-ok"])
@@ -162,7 +164,8 @@ def test_concurrency_limit(server, template, tmp_path):
 def test_one_order_abstaining_leaves_the_other(server, template, tmp_path):
     j = judge(server, template, tmp_path)
     v = j._verdict((0, None), (None, "unparseable verdict 'x'"))
-    assert (v.preference, v.p12, v.p21, v.abstained, v.reason) == (1.0, 1.0, None, False, "unparseable verdict 'x'")
+    assert (v.preference, v.p12, v.p21, v.abstained) == (1.0, 1.0, None, False)
+    assert v.reason == "unparseable verdict 'x'"
     assert j._verdict((None, "t"), (0, None)).preference == 0.0
 
 
@@ -180,8 +183,9 @@ def test_strict_verdict_parser(reply, winner):
 def test_command_caches_so_a_second_run_pays_nothing(server, template, tmp_path):
     gens = write_generations(tmp_path / "gens", {"p1": ["Yes.", "A long answer here.", "Medium one."],
                                                  "p2": ["Short.", "Much much longer answer."]})
-    args = ["annotate", str(gens), "-a", f"http:{server.base},model=judge-1,key_env=JUDGE_KEY,template={template}",
-            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "ann")]
+    spec = f"http:{server.base},model=judge-1,key_env=JUDGE_KEY,template={template}"
+    args = ["annotate", str(gens), "-a", spec, "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "ann")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     ds, _ = read_input(tmp_path / "ann", "annotations", stage="test")
@@ -191,7 +195,8 @@ def test_command_caches_so_a_second_run_pays_nothing(server, template, tmp_path)
     manifest = (tmp_path / "ann" / "manifest.json").read_text()
     assert SECRET not in manifest and "JUDGE_KEY" in manifest
     report = json.loads(manifest)["report"]
-    assert report["abstentions"] == {ds[0]["annotator"][2:]: 0} and report["annotators"][0]["template"] == TEMPLATE
+    assert report["abstentions"] == {ds[0]["annotator"][2:]: 0}
+    assert report["annotators"][0]["template"] == TEMPLATE
     result = CliRunner().invoke(app, args + ["--force"])
     assert result.exit_code == 0 and server.requests == 8  # every answer came from the cache
     assert read_input(tmp_path / "ann", "annotations", stage="test")[0]["preference"] == ds["preference"]

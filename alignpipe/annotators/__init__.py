@@ -3,9 +3,9 @@
 One table, `ANNOTATORS`, drives the CLI (`alignpipe annotate --help` lists it), the docs and the
 parametrised tests. A spec on the command line is
 
-    NAME[:ARG][,key=value...]      e.g.  reward-model:runs/rm      pairwise-judge:MODEL,template=conciseness
-                                         http:https://api.x/v1,model=gpt-4o-mini,key_env=OPENAI_API_KEY
-                                         length,weight=-0.01       regex:\\bsorry\\b     function:mypkg.scores:fn
+    NAME[:ARG][,key=value...]   e.g.  reward-model:runs/rm    pairwise-judge:MODEL,template=conciseness
+                                      http:https://api.x/v1,model=gpt-4o-mini,key_env=OPENAI_API_KEY
+                                      length,weight=-0.01    regex:\\bsorry\\b    function:mypkg.scores:fn
 
 Every annotator takes `weight=W` (see `stages.annotate` for how weights combine). A `key=value` segment
 whose key the annotator does not know is an error, except for the free-text ARG of `regex` and `function`,
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,7 @@ _SWAP = Option(True, "judge both orders and average (cancels position bias)", bo
 ANNOTATORS: dict[str, AnnotatorInfo] = {
     "reward-model": AnnotatorInfo(
         "reward_model:build", False, "PATH", "local sequence-classification model; score = its logit",
-        {"max_length": Option(0, "truncate inputs from the left to this many tokens (0: model maximum)", int)},
+        {"max_length": Option(0, "keep the last this many tokens of each input (0: model maximum)", int)},
         model_arg=True),
     "pairwise-judge": AnnotatorInfo(
         "judge:build_pairwise", True, "MODEL_DIR",
@@ -107,10 +108,12 @@ ANNOTATORS: dict[str, AnnotatorInfo] = {
             "backoff": Option(1.0, "first retry delay in seconds, doubled each retry, plus jitter", float),
             "max_tokens": Option(8, "max_tokens of the reply", int),
             "template": _TEMPLATE, "labels": _LABELS, "swap": _SWAP}),
-    "length": AnnotatorInfo("rules:build_length", False, None, "length of the response (use a negative weight "
-                            "to prefer shorter)", {"unit": Option("chars", "chars | words")}),
-    "regex": AnnotatorInfo("rules:build_regex", False, "PATTERN", "1 if the pattern occurs in the response, else 0",
-                           {"count": Option(False, "score = number of matches instead", bool)}, free_arg=True),
+    "length": AnnotatorInfo(
+        "rules:build_length", False, None, "length of the response (a negative weight prefers shorter)",
+        {"unit": Option("chars", "chars | words")}),
+    "regex": AnnotatorInfo(
+        "rules:build_regex", False, "PATTERN", "1 if the pattern occurs in the response, else 0",
+        {"count": Option(False, "score = number of matches instead", bool)}, free_arg=True),
     "vader": AnnotatorInfo("rules:build_vader", False, None, "VADER sentiment compound score in [-1, 1]"),
     "function": AnnotatorInfo("rules:build_function", False, "MODULE:FN",
                               "your fn(prompt, response) -> float | None (None = abstain)", free_arg=True),
@@ -132,7 +135,8 @@ class Spec:
 
     def identity(self) -> str:
         """The canonical spec: name, arg and the options that differ from their defaults, sorted."""
-        opts = [f"{k}={_show(v)}" for k, v in sorted(self.options.items()) if v != self.info.options[k].default]
+        defaults = self.info.options
+        opts = [f"{k}={_show(v)}" for k, v in sorted(self.options.items()) if v != defaults[k].default]
         head = self.name + (f":{self.arg}" if self.arg is not None else "")
         return ",".join([head] + opts)
 
@@ -167,12 +171,13 @@ def parse_spec(text: str) -> Spec:
     arg_parts, options = ([arg] if colon else []), {}
     for seg in rest.split(",") if rest else []:
         key, eq, value = seg.partition("=")
-        if eq and key.strip() in known:
-            options[key.strip()] = _convert(value.strip(), known[key.strip()], f"{where}: option {key.strip()}")
+        key = key.strip()
+        if eq and key in known:
+            options[key] = _convert(value.strip(), known[key], f"{where}: option {key}")
         elif info.free_arg and arg_parts:
             arg_parts.append(seg)
         else:
-            raise UserError(f"{where}: unknown option '{key.strip()}' for {name} "
+            raise UserError(f"{where}: unknown option '{key}' for {name} "
                             f"(known: {', '.join(sorted(known))})")
     arg = ",".join(arg_parts) if arg_parts else None
     if info.arg is None and arg is not None:
@@ -188,14 +193,20 @@ def parse_spec(text: str) -> Spec:
 
 
 def spec_inputs(spec: Spec) -> list[Path]:
-    """The files whose fingerprints decide up-to-date (model folder, template file), checked before loading."""
+    """The files whose fingerprints decide up-to-date (model folder, template file, the user function's
+    module file), checked before any model is loaded."""
     from alignpipe.models import check_model_folder
 
     paths = []
     if spec.info.model_arg:
         paths.append(check_model_folder(spec.arg, f"--annotator '{spec.text}':"))
+    if spec.name == "function":
+        fn = load_function(spec.arg, f"--annotator '{spec.text}'")
+        origin = getattr(sys.modules.get(getattr(fn, "__module__", "")), "__file__", None)
+        paths += [Path(origin)] if origin else []
     if "template" in spec.options:
-        paths.append(load_template(spec.options["template"], "pairwise" if spec.info.pairwise else "pointwise")[1])
+        mode = "pairwise" if spec.info.pairwise else "pointwise"
+        paths.append(load_template(spec.options["template"], mode)[1])
     return paths
 
 
@@ -266,25 +277,22 @@ def parse_labels(text: str, where: str) -> tuple[str, str]:
 _GRID = 2.0 ** 32
 
 
+def quantise(p: float) -> float:
+    """p rounded to a multiple of 2^-32 (far below any meaningful difference of probabilities)."""
+    return round(p * _GRID) / _GRID
+
+
 def swap_average(p12: float, p21: float) -> float:
     """P(1 > 2) = 1/2 [P_12 + (1 - P_21)] where P_12, P_21 are P(first shown is better) in each order.
 
-    Both are first rounded to a multiple of 2^-32 (far below any meaningful difference), so every step
-    below is exact in float64 and swapping the pair gives exactly 1 - P: swap_average(b, a) == 1 -
-    swap_average(a, b) bit for bit.
+    On the 2^-32 grid every step is exact in float64, so swapping the pair gives exactly 1 - P:
+    swap_average(p21, p12) == 1 - swap_average(p12, p21), bit for bit.
     """
-    a, b = round(p12 * _GRID) / _GRID, round(p21 * _GRID) / _GRID
-    return 0.5 * (a + (1.0 - b))
-
-
-def quantise(p: float) -> float:
-    return round(p * _GRID) / _GRID
+    return 0.5 * (quantise(p12) + (1.0 - quantise(p21)))
 
 
 def load_function(target: str, where: str) -> Callable:
     """Import `pkg.module:fn` (the current directory is searched too); one-line errors."""
-    import sys
-
     module, colon, attr = target.partition(":")
     if not colon or not module or not attr:
         raise UserError(f"{where}: expected MODULE:FUNCTION, e.g. mypkg.rewards:score, found '{target}'")

@@ -103,11 +103,12 @@ class HttpJudge:
         self.url = spec.arg.rstrip("/") + "/chat/completions"
         if not re.match(r"^https?://", self.url):
             raise UserError(f"--annotator '{spec.text}': base URL must start with http:// or https://")
-        self.key_env, self.timeout, self.retries, self.backoff = o["key_env"], o["timeout"], o["retries"], o["backoff"]
+        self.key_env, self.timeout = o["key_env"], o["timeout"]
+        self.retries, self.backoff = o["retries"], o["backoff"]
         self.concurrency, self.max_tokens = max(1, o["concurrency"]), o["max_tokens"]
         if self.key_env and not os.environ.get(self.key_env):
-            raise UserError(f"--annotator '{spec.text}': environment variable {self.key_env} (key_env) is not set; "
-                            f"set it, or key_env= for an endpoint without a key")
+            raise UserError(f"--annotator '{spec.text}': environment variable {self.key_env} (key_env) is "
+                            f"not set; set it, or key_env= for an endpoint without a key")
         self.labels = parse_labels(o["labels"], f"--annotator '{spec.text}'")
         self.template, self.template_file = load_template(o["template"], "pairwise")
         cache_dir = runtime.cache_dir or Path.home() / ".cache" / "alignpipe" / "http"
@@ -163,8 +164,9 @@ class HttpJudge:
                 return _content(raw)
             except urllib.error.HTTPError as e:
                 if e.code in FATAL:
-                    raise UserError(f"{self.url}: HTTP {e.code} {e.reason} (check the URL, model '{self.model}'"
-                                    + (f" and the key in ${self.key_env}" if self.key_env else "") + ")")
+                    key = f" and the key in ${self.key_env}" if self.key_env else ""
+                    raise UserError(f"{self.url}: HTTP {e.code} {e.reason} (check the URL, model "
+                                    f"'{self.model}'{key})")
                 if e.code not in RETRYABLE:
                     raise Abstain(f"HTTP {e.code} {e.reason}")
                 last, wait = f"HTTP {e.code}", _retry_after(e.headers)
@@ -188,8 +190,8 @@ class HttpJudge:
         return [self._verdict(answers[i], answers[n + i] if self.swap else None) for i in range(n)]
 
     def _render(self, q: Query, first: str, second: str) -> str:
-        return fill(self.template, prompt=prompt_text(q.prompt, q.messages), response_a=first, response_b=second,
-                    label_a=self.labels[0], label_b=self.labels[1])
+        return fill(self.template, prompt=prompt_text(q.prompt, q.messages), response_a=first,
+                    response_b=second, label_a=self.labels[0], label_b=self.labels[1])
 
     def _verdict(self, ab, ba) -> Verdict:
         p12 = None if ab[0] is None else float(ab[0] == 0)

@@ -42,7 +42,8 @@ class LMJudge:
 
         self.name, self.path, self.mode = spec.identity(), Path(spec.arg), mode
         self.template, self.template_file = load_template(spec.options["template"], mode)
-        self.model = load_causal_lm(self.path, dtype=runtime.dtype, device=runtime.device, what="judge").eval()
+        self.model = load_causal_lm(self.path, dtype=runtime.dtype, device=runtime.device, what="judge")
+        self.model.eval()
         self.tokenizer = load_tokenizer(self.path, padding_side="left")
         self.device = next(self.model.parameters()).device
         self.batch_size, self.labels = runtime.batch_size, labels
@@ -59,8 +60,9 @@ class LMJudge:
         return ids[0]
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": self.mode, "model": str(self.path), "fingerprint": self.fingerprint,
-                "template_file": str(self.template_file), "template": self.template, "answers": self.labels}
+        return {"name": self.name, "kind": self.mode, "model": str(self.path),
+                "fingerprint": self.fingerprint, "template_file": str(self.template_file),
+                "template": self.template, "answers": self.labels}
 
     def encode(self, text: str) -> list[int]:
         from alignpipe.prompting import encode, render_prompt
@@ -72,7 +74,8 @@ class LMJudge:
         import torch
 
         seqs = {t: self.encode(t) for t in texts}  # each distinct text once
-        order = sorted((t for t, s in seqs.items() if len(s) <= self.max_length), key=lambda t: (len(seqs[t]), t))
+        fits = [t for t, s in seqs.items() if len(s) <= self.max_length]
+        order = sorted(fits, key=lambda t: (len(seqs[t]), t))
         found = {}
         with torch.inference_mode():
             for s in range(0, len(order), self.batch_size):
@@ -99,7 +102,7 @@ class LMJudge:
             return self.model(**kw).logits[:, -1]
 
     def too_long(self) -> Verdict:
-        return Verdict(abstained=True, reason=f"judge prompt longer than the judge's {self.max_length} tokens")
+        return Verdict(abstained=True, reason=f"judge prompt longer than its {self.max_length} tokens")
 
 
 class PairwiseJudge(LMJudge):
@@ -114,8 +117,8 @@ class PairwiseJudge(LMJudge):
         return {**super().describe(), "swap": self.swap}
 
     def render(self, q: Query, first: str, second: str) -> str:
-        return fill(self.template, prompt=prompt_text(q.prompt, q.messages), response_a=first, response_b=second,
-                    label_a=self.labels[0], label_b=self.labels[1])
+        return fill(self.template, prompt=prompt_text(q.prompt, q.messages), response_a=first,
+                    response_b=second, label_a=self.labels[0], label_b=self.labels[1])
 
     def compare(self, queries: list[Query]) -> list[Verdict]:
         import math

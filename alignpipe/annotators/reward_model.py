@@ -41,8 +41,9 @@ class RewardModel:
         self.inputs = [self.path]
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": "pointwise", "model": str(self.path), "fingerprint": self.fingerprint,
-                "chat_template": bool(getattr(self.tokenizer, "chat_template", None)), "max_length": self.max_length}
+        return {"name": self.name, "kind": "pointwise", "model": str(self.path),
+                "fingerprint": self.fingerprint, "max_length": self.max_length,
+                "chat_template": bool(getattr(self.tokenizer, "chat_template", None))}
 
     def encode(self, q: Query) -> list[int]:
         text, special = render(self.tokenizer, q.prompt, q.messages, q.response)

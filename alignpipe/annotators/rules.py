@@ -65,7 +65,8 @@ def build_vader(spec, runtime) -> Rule:
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
-        raise UserError("annotator vader: package vadersentiment is not installed (pip install vadersentiment)")
+        raise UserError("annotator vader: package vadersentiment is not installed "
+                        "(pip install vadersentiment)")
     analyzer = SentimentIntensityAnalyzer()
     return Rule(spec.identity(), lambda prompt, response: analyzer.polarity_scores(response)["compound"],
                 {"package": "vadersentiment"})

@@ -1,0 +1,106 @@
+"""evaluate: the win rate of one policy's answers against another's on the same held-out prompts.
+
+    alignpipe evaluate CANDIDATE BASELINE --annotator SPEC --out EVAL
+
+CANDIDATE and BASELINE are generations of the two policies on the same prompts (e.g. `generate --split
+test` with policy K and with policy 0). Answers are matched on (prompt_id, sample_index) and judged as pairs
+(response1 = candidate, response2 = baseline) by any annotator of `annotate`: a pairwise judge sees both
+orders and averages them, so position bias cancels; pointwise annotators compare rewards
+(P = sigmoid(r1 - r2)). The output is an annotations dataset of the comparisons; its manifest's report has
+
+    win_rate        mean over pairs of 1[P > 1/2] + 1/2 * 1[P = 1/2]      (ties count half)
+    mean_preference mean P(candidate preferred)
+    mean_reward_candidate / mean_reward_baseline   when the annotators give rewards
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say, up_to_date_message
+from alignpipe.errors import UserError
+
+
+def match_pairs(candidate, baseline):
+    """Pure core: pairs rows of an annotations table from two generations datasets on the same prompts."""
+    from datasets import Dataset
+
+    import schemas
+
+    base = {(r["prompt_id"], r["sample_index"]): r for r in baseline}
+    rows = []
+    for c in candidate:
+        b = base.get((c["prompt_id"], c["sample_index"]))
+        if b is None:
+            continue
+        side = {}
+        for i, g in ((1, c), (2, b)):
+            side.update({f"response{i}": g["response"], f"response{i}_sample_index": i - 1,
+                         f"response{i}_num_tokens": g["num_tokens"], f"response{i}_behaviour_logp": None,
+                         f"response{i}_reward": None, f"response{i}_label": None})
+        rows.append({"prompt_id": f"{c['prompt_id']}#{c['sample_index']}", "prompt": c["prompt"],
+                     "messages": c["messages"], "iteration": c["iteration"], **side, "preference": None,
+                     "annotator": "", "raw": [], "pairing": "evaluate", "policy": c["policy_fingerprint"]})
+    if not rows:
+        return None
+    return Dataset.from_list(rows, features=schemas.features("annotations"))
+
+
+def win_summary(ds) -> dict:
+    """Win rate, mean preference and mean rewards of an evaluated comparison table."""
+    prefs = [p for p in ds["preference"] if p is not None]
+    out = {"pairs": len(ds), "judged": len(prefs)}
+    if prefs:
+        out["win_rate"] = sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in prefs) / len(prefs)
+        out["mean_preference"] = sum(prefs) / len(prefs)
+    for i, name in ((1, "candidate"), (2, "baseline")):
+        rewards = [r for r in ds[f"response{i}_reward"] if r is not None]
+        if rewards:
+            out[f"mean_reward_{name}"] = sum(rewards) / len(rewards)
+        out[f"mean_tokens_{name}"] = sum(ds[f"response{i}_num_tokens"]) / max(1, len(ds))
+    return out
+
+
+@handle_errors
+def command(
+    ctx: typer.Context,
+    candidate: Annotated[Path, typer.Argument(help="generations of the policy under test.")],
+    baseline: Annotated[Path, typer.Argument(help="generations of the baseline policy on the same prompts.")],
+    out: OutOpt,
+    annotator: Annotated[list[str], typer.Option("--annotator", "-a", help="Judge spec(s), as in annotate.")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward of local models.")] = 8,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 for local models.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+):
+    """Win rate of a policy against another on held-out prompts (both orders), and mean rewards."""
+    from alignpipe.annotators import Runtime, build, parse_spec, spec_inputs
+    from alignpipe.io import read_input
+    from alignpipe.output import StageOutput
+    from stages.annotate import annotate, parse_weights
+
+    specs = [parse_spec(s) for s in annotator]
+    weights = parse_weights(None, specs)
+    cand, _ = read_input(candidate, "generations", stage="evaluate")
+    base, _ = read_input(baseline, "generations", stage="evaluate")
+    pairs = match_pairs(cand, base)
+    if pairs is None:
+        raise UserError(f"{candidate} and {baseline}: no (prompt_id, sample_index) in common; generate both "
+                        f"on the same prompts")
+    inputs = [candidate, baseline] + [p for s in specs for p in spec_inputs(s)]
+    cfg = {**resolved_config(ctx), "annotator": [s.identity() for s in specs]}
+    so = StageOutput(out, stage="evaluate", kind="annotations", config=cfg, inputs=inputs, force=force)
+    if so.up_to_date():
+        return up_to_date_message("evaluate", out)
+    annotators = [build(s, Runtime(device=device, dtype=dtype, batch_size=batch_size, cache_dir=None))
+                  for s in specs]
+    with so:
+        result = annotate(pairs, "annotations", annotators, weights, "evaluate")
+        so.report = win_summary(result)
+        so.finish(result)
+    r = so.report
+    say(f"evaluate: win rate {r.get('win_rate', float('nan')):.3f} over {r['judged']} pairs "
+        f"(mean P {r.get('mean_preference', float('nan')):.3f}) -> {out}")

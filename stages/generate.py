@@ -1,0 +1,278 @@
+"""generate: sample N responses per prompt from the current policy -> a `generations` dataset.
+
+Determinism that survives resume and process sharding: every prompt is rendered and tokenised, prompts
+are sorted by token length (stable), cut into batches of `--batch-size` prompts, and batch b is sampled
+with a seed derived from (--seed, b) alone. Checkpoint shards are groups of whole batches and process
+shards are contiguous ranges of whole batches, so a resumed run, or N processes read back together, equal
+one uninterrupted run row for row. The output is in this batch order (prompt, then sample index).
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say, up_to_date_message
+from alignpipe.errors import UserError
+
+ENGINES = ("transformers", "vllm")
+AUTO_BATCH = {"cpu": 8, "cuda": 32, "vllm": 256}  # prompts per batch for --batch-size auto
+
+
+# -- pure core -------------------------------------------------------------------------------------------
+def prepare_prompts(ds, tokenizer, *, max_prompt_length: int, long_prompts: str = "truncate",
+                    where: str = "prompts", row_ids: list[int] | None = None):
+    """Render + tokenise every prompt, handle long ones, sort by token length (stable, ties by row).
+
+    Returns (an in-memory dataset in batch order: prompt_id, prompt, messages, reference and the prompt's
+    token ids `_ids`; {"truncated": n} or {"skipped": n}). `row_ids` name the rows in errors.
+    """
+    from datasets import Dataset, Features, List, Value
+
+    import schemas
+    from alignpipe.prompting import render_prompt
+
+    cols = {c: ds[c] for c in ("prompt_id", "prompt", "messages", "reference")}
+    row_ids = row_ids if row_ids is not None else list(range(len(ds)))
+    texts = []
+    for i, (pid, prompt, messages) in enumerate(zip(cols["prompt_id"], cols["prompt"], cols["messages"])):
+        at = f"{where} row {row_ids[i]} (prompt_id {pid})"
+        if not messages and not (prompt or "").strip():
+            raise UserError(f"{at}: empty prompt")
+        texts.append(render_prompt(tokenizer, prompt, messages, where=at))
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    keep, long_count = [], 0
+    for i, row in enumerate(ids):
+        if not row:
+            raise UserError(f"{where} row {row_ids[i]} (prompt_id {cols['prompt_id'][i]}): prompt has no tokens")
+        if len(row) > max_prompt_length:
+            long_count += 1
+            if long_prompts == "skip":
+                continue
+            ids[i] = row[-max_prompt_length:]  # keep the end: the question and the generation prompt
+        keep.append(i)
+    order = sorted(keep, key=lambda i: len(ids[i]))
+    features = schemas.features("prompts")
+    features = {**{c: features[c] for c in cols}, "_ids": List(Value("int32"))}
+    data = {c: [v[i] for i in order] for c, v in cols.items()} | {"_ids": [ids[i] for i in order]}
+    out = Dataset.from_dict(data, features=Features(features))
+    return out, {("skipped" if long_prompts == "skip" else "truncated"): long_count}
+
+
+def batch_range(num_prompts: int, batch_size: int, num_shards: int, shard_index: int) -> tuple[int, int]:
+    """[first, last) batch indices of process `shard_index`: contiguous, balanced, whole batches."""
+    num_batches = -(-num_prompts // batch_size)
+    return num_batches * shard_index // num_shards, num_batches * (shard_index + 1) // num_shards
+
+
+def sample_batches(part, sampler, *, batch_size: int, seed: int, first_batch: int, meta: dict):
+    """Sample every batch of `part` (prepared rows, in batch order) -> generations rows, as a Dataset.
+
+    `first_batch` is the global index of the part's first batch; `meta` holds policy, policy_fingerprint
+    and iteration.
+    """
+    from datasets import Dataset
+
+    import schemas
+    from alignpipe.sampling import derive_seed
+
+    rows = []
+    for j, start in enumerate(range(0, len(part), batch_size)):
+        batch = part[start: start + batch_size]
+        samples = sampler.sample(batch["_ids"], seed=derive_seed(seed, first_batch + j))
+        n = len(samples) // len(batch["_ids"])
+        for k, s in enumerate(samples):
+            i = k // n
+            rows.append({"prompt_id": batch["prompt_id"][i], "prompt": batch["prompt"][i],
+                         "messages": batch["messages"][i], "reference": batch["reference"][i],
+                         "sample_index": k % n, "response": s.text, "num_tokens": len(s.token_ids),
+                         "finish_reason": s.finish_reason, "behaviour_logp": s.logp, **meta})
+    return Dataset.from_list(rows, features=schemas.features("generations"))
+
+
+def generate(ds, sampler, tokenizer, *, batch_size: int = 8, seed: int = 0, max_prompt_length: int = 10**9,
+             long_prompts: str = "truncate", meta: dict | None = None):
+    """The whole stage in memory: prompts dataset -> generations dataset (batch order)."""
+    prepared, _ = prepare_prompts(ds, tokenizer, max_prompt_length=max_prompt_length, long_prompts=long_prompts)
+    meta = meta or {"policy": "", "policy_fingerprint": "", "iteration": 0}
+    return sample_batches(prepared, sampler, batch_size=batch_size, seed=seed, first_batch=0, meta=meta)
+
+
+def summary(ds) -> dict:
+    reasons = Counter(ds["finish_reason"]) if len(ds) else Counter()
+    return {"rows": len(ds), "num_tokens": int(sum(ds["num_tokens"])) if len(ds) else 0,
+            "finish_reasons": {r: reasons.get(r, 0) for r in ("eos", "stop", "length")}}
+
+
+# -- command helpers -------------------------------------------------------------------------------------
+def context_length(policy: Path, tokenizer, trust_remote_code: bool) -> int | None:
+    from transformers import AutoConfig
+
+    from alignpipe.models import adapter_base, is_adapter
+
+    folder = adapter_base(policy) if is_adapter(policy) else policy
+    try:
+        cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code).get_text_config()
+    except (OSError, ValueError) as e:
+        raise UserError(f"policy {folder}: cannot read config.json ({str(e).splitlines()[0][:150]})")
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 10**7 else None
+
+
+def resolve_max_prompt_length(given: int | None, context: int | None, max_new_tokens: int) -> int:
+    if given is not None:
+        return given
+    if context is None:
+        raise UserError("the policy's context length is unknown; pass --max-prompt-length")
+    if context <= max_new_tokens:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the policy's "
+                        f"context of {context} tokens")
+    return context - max_new_tokens
+
+
+def build_sampler(engine: str, policy: Path, tokenizer, params, *, dtype, device, trust_remote_code,
+                  allow_pickle, tensor_parallel_size: int = 1):
+    if engine == "vllm":
+        from alignpipe.vllm_engine import VllmSampler
+
+        return VllmSampler(policy, tokenizer, params, dtype=dtype, trust_remote_code=trust_remote_code,
+                           tensor_parallel_size=tensor_parallel_size)
+    from alignpipe.models import load_causal_lm
+    from alignpipe.sampling import Sampler
+
+    model = load_causal_lm(policy, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                           allow_pickle=allow_pickle)
+    if hasattr(model, "merge_and_unload"):  # a PEFT adapter: merged once, faster sampling, same policy
+        model = model.merge_and_unload()
+    return Sampler(model, tokenizer, params)
+
+
+def _check_options(num_samples, max_new_tokens, temperature, top_p, top_k, long_prompts, split, engine):
+    if long_prompts not in ("truncate", "skip"):
+        raise UserError(f"--long-prompts '{long_prompts}': unknown (known: truncate, skip)")
+    if split not in ("all", "train", "test"):
+        raise UserError(f"--split '{split}': unknown (known: all, train, test)")
+    if engine not in ENGINES:
+        raise UserError(f"--engine '{engine}': unknown (known: {', '.join(ENGINES)})")
+    if num_samples < 1 or max_new_tokens < 1:
+        raise UserError("--num-samples and --max-new-tokens must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+
+
+def resolve_batch_size(batch_size: str, engine: str, device: str) -> int:
+    if batch_size == "auto":
+        return AUTO_BATCH["vllm" if engine == "vllm" else ("cuda" if device.startswith("cuda") else "cpu")]
+    if not batch_size.isdigit() or int(batch_size) < 1:
+        raise UserError(f"--batch-size '{batch_size}': expected a positive integer or 'auto'")
+    return int(batch_size)
+
+
+@handle_errors
+def command(
+    ctx: typer.Context,
+    prompts: Annotated[Path, typer.Argument(help="A prompts dataset (from `alignpipe import`).")],
+    out: OutOpt,
+    policy: Annotated[Path, typer.Option(help="Policy: a model folder or a PEFT adapter folder.")],
+    num_samples: Annotated[int, typer.Option(help="Responses sampled per prompt.")] = 2,
+    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per response.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        help="Stop string (repeatable); the response is cut before it.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed; batch b samples with a seed derived from (seed, b).")] = 0,
+    batch_size: Annotated[str, typer.Option(
+        help="Prompts per batch, or 'auto': 8 on CPU, 32 on CUDA, 256 with --engine vllm.")] = "auto",
+    shard_batches: Annotated[int, typer.Option(min=1, help="Batches per checkpointed shard.")] = 4,
+    max_prompt_length: Annotated[Optional[int], typer.Option(
+        min=1, help="Longest prompt in tokens (default: the policy's context minus --max-new-tokens).")] = None,
+    long_prompts: Annotated[str, typer.Option(
+        help="truncate (from the left) | skip, for prompts longer than --max-prompt-length.")] = "truncate",
+    split: Annotated[str, typer.Option(help="Which prompts: all | train | test.")] = "all",
+    chat_template: Annotated[Optional[Path], typer.Option(
+        help="Jinja chat template file, for tokenizers without one.")] = None,
+    iteration: Annotated[int, typer.Option(help="Online iteration number, recorded in every row.")] = 0,
+    engine: Annotated[str, typer.Option(help="transformers | vllm (needs vllm and a GPU).")] = "transformers",
+    tensor_parallel_size: Annotated[int, typer.Option(min=1, help="GPUs per model, --engine vllm only.")] = 1,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Run the model folder's own Python code.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow pickle (*.bin) weights from a trusted source.")] = False,
+    num_shards: Annotated[Optional[int], typer.Option(help="Processes splitting the batches (or WORLD_SIZE).")] = None,
+    shard_index: Annotated[Optional[int], typer.Option(help="This process's range of batches (or RANK).")] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+):
+    """Sample responses from a policy: batched, seeded, resumable, with behaviour log-probs."""
+    from alignpipe.io import read_input
+    from alignpipe.models import adapter_base, check_model_folder, is_adapter, load_tokenizer, model_fingerprint
+    from alignpipe.models import resolve_device
+    from alignpipe.output import StageOutput, map_shards, part_path, process_shard
+    from alignpipe.sampling import SamplingParams
+
+    _check_options(num_samples, max_new_tokens, temperature, top_p, top_k, long_prompts, split, engine)
+    num_shards, shard_index = process_shard(num_shards, shard_index)
+    if engine == "vllm":
+        from alignpipe.vllm_engine import require_vllm
+
+        require_vllm()
+    ds, _ = read_input(prompts, "prompts", stage="generate")
+    check_model_folder(policy, "policy", allow_pickle)
+    inputs = [prompts, policy] + ([Path(adapter_base(policy))] if is_adapter(policy) else [])
+    inputs += [chat_template] if chat_template is not None else []
+    target = part_path(out, num_shards, shard_index) if num_shards > 1 else out
+    so = StageOutput(target, stage="generate", kind="generations", config=resolved_config(ctx), inputs=inputs,
+                     force=force)
+    if so.up_to_date():
+        return up_to_date_message("generate", target)
+    dev = "cuda" if engine == "vllm" else resolve_device(device)
+    bs = resolve_batch_size(batch_size, engine, dev)
+    rows = list(range(len(ds))) if split == "all" else [i for i, s in enumerate(ds["split"]) if s == split]
+    if not rows:
+        raise UserError(f"{prompts}: no prompts with split '{split}'")
+    tok = load_tokenizer(policy, chat_template=chat_template, trust_remote_code=trust_remote_code)
+    limit = resolve_max_prompt_length(max_prompt_length, context_length(policy, tok, trust_remote_code),
+                                      max_new_tokens)
+    prepared, long_report = prepare_prompts(ds.select(rows), tok, max_prompt_length=limit,
+                                            long_prompts=long_prompts, where=str(prompts), row_ids=rows)
+    first, last = batch_range(len(prepared), bs, num_shards, shard_index)
+    mine = prepared.select(range(first * bs, min(len(prepared), last * bs)))
+    params = SamplingParams(num_samples, max_new_tokens, temperature, top_p, top_k, tuple(stop or ()))
+    meta = {"policy": str(policy), "policy_fingerprint": model_fingerprint(policy), "iteration": iteration}
+    timing = {"seconds": 0.0, "tokens": 0}
+
+    def fn(part, index):
+        t0 = time.perf_counter()
+        res = sample_batches(part, sampler, batch_size=bs, seed=seed, first_batch=first + index * shard_batches,
+                             meta=meta)
+        timing["seconds"] += time.perf_counter() - t0
+        timing["tokens"] += int(sum(res["num_tokens"])) if len(res) else 0
+        return res
+
+    with so:
+        sampler = build_sampler(engine, policy, tok, params, dtype=dtype, device=dev,
+                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                tensor_parallel_size=tensor_parallel_size)
+        result = map_shards(so, mine, fn, shard_batches * bs, desc="generate")
+        rate = timing["tokens"] / timing["seconds"] if timing["seconds"] else 0.0
+        so.report = {**summary(result), "prompts": len(mine), "long_prompts": long_report,
+                     "max_prompt_length": limit, "batch_size": bs, "batches": [first, last],
+                     "process_shard": [shard_index, num_shards], "engine": engine, "device": dev,
+                     "tokens_per_s": round(rate, 1), **so.report}
+        so.finish(result)
+    _say_summary(so.report, num_samples, target)
+
+
+def _say_summary(r: dict, num_samples: int, target: Path) -> None:
+    reasons = ", ".join(f"{k} {v}" for k, v in r["finish_reasons"].items())
+    (what, count), = r["long_prompts"].items()
+    long = f"; {count} long prompt(s) {what}" if count else ""
+    say(f"generate: {r['rows']} rows ({r['prompts']} prompts x {num_samples}), {r['num_tokens']:,} tokens, "
+        f"{r['tokens_per_s']:,.0f} tok/s; finish: {reasons}{long} -> {target}")
