@@ -268,12 +268,23 @@ def frozen_copy(module):
     return frozen(copy.deepcopy(module))
 
 
+def _check_same_adapter(path, lora: LoraOptions | None) -> None:
+    if lora is None:
+        return
+    have = json.loads((Path(path) / "adapter_config.json").read_text())
+    if have.get("r") != lora.r:
+        raise UserError(f"policy {path}: is a LoRA adapter of rank {have.get('r')}, not --lora-r {lora.r}; "
+                        f"it keeps training its own adapter (drop --lora-r, or start from its base model)")
+
+
 def load_policy(path, task: str, *, lora: LoraOptions | None = None, init_reward_head: bool = False,
                 gradient_checkpointing: bool = False):
-    """(model, tokenizer): float32 master weights on the CPU; a LoRA adapter added when asked, an adapter
-    folder's adapter kept trainable."""
-    from alignpipe.models import is_adapter, load_causal_lm, load_tokenizer
+    """(model, tokenizer): float32 master weights on the CPU, with a new LoRA adapter when `lora` is given.
+    An adapter folder keeps training its own adapter (on its base model): the online loop's iteration k+1
+    continues iteration k's adapter; `lora`, if given, must then agree with the adapter's rank."""
+    from alignpipe.models import check_model_folder, is_adapter, load_causal_lm, load_tokenizer
 
+    check_model_folder(path, "policy")
     tokenizer = load_tokenizer(path)
     if task == "reward":
         model = _load_reward_policy(path, init_reward_head)
@@ -281,8 +292,9 @@ def load_policy(path, task: str, *, lora: LoraOptions | None = None, init_reward
             model.config.pad_token_id = tokenizer.pad_token_id
     else:
         model = load_causal_lm(path, trainable_adapter=True)
-    if lora is not None and is_adapter(path):
-        raise UserError(f"policy {path}: is already a LoRA adapter (it keeps training); drop --lora-r")
+    if is_adapter(path):
+        _check_same_adapter(path, lora)
+        lora = None
     model.config.use_cache = False
     if gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -23,9 +23,26 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class _Lazy:
+    """A module imported on first use, so the LOSSES table (CLI choices, docs) loads without torch."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torch = _Lazy("torch")
+F = _Lazy("torch.nn.functional")
 
 
 @dataclass

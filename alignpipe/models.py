@@ -73,6 +73,8 @@ def load_tokenizer(path: Path | str, chat_template: Path | None = None, padding_
     from transformers import AutoTokenizer
 
     p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"tokenizer {p}: no such folder")
     if is_adapter(p) and not (p / "tokenizer_config.json").exists():
         p = Path(adapter_base(p))
     try:

@@ -1,18 +1,21 @@
 """Atomic, locked, resumable stage outputs.
 
 Layout beside the target OUT:
-    .OUT.lock            {pid, host, command} of the writer; a second writer refuses, naming it; a stale lock
-                         (dead pid on this host) is taken over.
+    .OUT.lock            flock-ed by the writer, text {pid, host, command}; a second writer refuses, naming it;
+                         the lock of a dead writer is free again (the kernel released it).
     .OUT.partial/        shards of a long stage: shard-00000/ ... each renamed into place when whole,
                          plus key.json (config + input fingerprints). A rerun with the same key resumes;
                          a different key discards the partial work.
-    .OUT.tmp-PID/        the final folder being written; manifest.json is written last, then it is renamed
+    .OUT.tmpPID/         the final folder being written; manifest.json is written last, then it is renamed
                          to OUT. So OUT appears whole or not at all.
+A writer that takes the lock removes what dead writers left (.OUT.tmp*, .OUT.old*); an up-to-date check
+removes the shards of a writer killed after its output was already in place.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -23,50 +26,65 @@ from alignpipe.errors import LockedError, UserError
 from alignpipe.manifest import build_manifest, fingerprint_files, input_key, read_manifest, write_manifest
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Lock:
+    """The writer's exclusive lock on OUT: a kernel lock (flock) on `.OUT.lock`, whose text names the holder.
+
+    The kernel drops the lock when its process dies, even by SIGKILL, so a stale lock file is simply locked
+    again, and of many processes finding it at once exactly one gets it (there is no check-then-take race).
+    A second writer refuses, naming the holder from the file's text.
+    """
+
     def __init__(self, target: Path):
         self.path = target.parent / f".{target.name}.lock"
-        self.held = False
+        self.target = target
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
     def acquire(self) -> None:
+        import fcntl
+
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        for _ in range(2):
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder and (holder.get("host") != socket.gethostname() or _pid_alive(int(holder["pid"]))):
-                    raise LockedError(f"{self.path.parent / self.path.name[1:-5]}: locked by pid {holder['pid']} on "
-                                      f"{holder['host']} since {holder.get('since')} ({holder.get('command')})")
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockedError(f"{self.target}: {self._holder()}")
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, self.path):  # not a file its last holder unlinked while we opened it
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(me).encode())
+                self.fd = fd
+                return
+            os.close(fd)
         raise LockedError(f"{self.path}: could not take the lock")
 
-    def _holder(self) -> dict | None:
+    def _holder(self) -> str:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {"pid": 0, "host": socket.gethostname()}  # unreadable lock = half-written by a dead process
+            h = json.loads(self.path.read_text())
+            return f"locked by pid {h['pid']} on {h['host']} since {h.get('since')} ({h.get('command')})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"locked by another process (see {self.path})"
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: the next writer finds a fresh file
+            os.close(self.fd)
+            self.fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 class StageOutput:
@@ -89,17 +107,49 @@ class StageOutput:
         m = read_manifest(self.out)
         if not m or m.get("stage") != self.stage:
             return False
-        return {"config": m.get("key_config"), "inputs": m.get("key_inputs")} == self.key
+        same = {"config": m.get("key_config"), "inputs": m.get("key_inputs")} == self.key
+        if same and self.partial.exists():
+            self._sweep_finished_partial()
+        return same
+
+    def _sweep_finished_partial(self) -> None:
+        """Shards of this very output whose writer died after swapping it in: remove them, unless a writer
+        is at work."""
+        try:
+            same_key = json.loads((self.partial / "key.json").read_text()) == self.key
+            if same_key:
+                self.lock.acquire()
+        except (OSError, ValueError, UserError):
+            return
+        if same_key:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.lock.release()
 
     def __enter__(self) -> StageOutput:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"{self.out}: exists and is not a folder")
-        self.lock.acquire()
-        self._open_partial()
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+        except OSError as e:
+            raise UserError(f"{self.out}: cannot write the output here ({e.strerror or e}); nothing was written")
+        try:
+            dead = re.compile(rf"\.{re.escape(self.out.name)}\.(tmp|old)\d+")
+            for p in self.out.parent.glob(f".{self.out.name}.*"):
+                if dead.fullmatch(p.name):  # left by killed writers (we hold the lock)
+                    shutil.rmtree(p, ignore_errors=True)
+            self._open_partial()
+        except OSError as e:
+            self.lock.release()
+            raise UserError(f"{self.out}: cannot write the output here ({e.strerror or e}); nothing was written")
+        except BaseException:
+            self.lock.release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.partial.is_dir() and {p.name for p in self.partial.iterdir()} <= {"key.json"}:
+            shutil.rmtree(self.partial, ignore_errors=True)  # no finished work to resume from
         self.lock.release()
 
     # -- shards -----------------------------------------------------------------------------------------
@@ -130,9 +180,14 @@ class StageOutput:
     def write_shard(self, index: int, ds) -> None:
         """Save one finished shard atomically (a killed run resumes after the last whole shard)."""
         tmp = self.partial / f"shard-{index:05d}.tmp{os.getpid()}"
-        ds.save_to_disk(str(tmp), num_shards=1 if len(ds) == 0 else None)  # 0 rows: still one data file
-        (tmp / "done").write_text("")
-        os.replace(tmp, self._shard_dir(index))
+        try:
+            ds.save_to_disk(str(tmp), num_shards=1 if len(ds) == 0 else None)  # 0 rows: still one data file
+            (tmp / "done").write_text("")
+            os.replace(tmp, self._shard_dir(index))
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"{self.out}: cannot write shard {index} ({e.strerror or e}); the finished shards are "
+                            f"kept, rerun to resume")
 
     def read_shard(self, index: int):
         from datasets import load_from_disk

@@ -58,7 +58,7 @@ def eos_token_ids(tokenizer, generation_config=None) -> list[int]:
     for end in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
         if end in template and end in tokenizer.get_vocab():
             ids.append(tokenizer.convert_tokens_to_ids(end))
-    return sorted(set(int(i) for i in ids))
+    return sorted({int(i) for i in ids})
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device):
@@ -87,8 +87,11 @@ class Sampler:
 
     def __init__(self, model, tokenizer, params: SamplingParams, eos_ids: list[int] | None = None):
         import torch
-        from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                             TopPLogitsWarper)
+        from transformers.generation.logits_process import (
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         self.model, self.tokenizer, self.params = model.eval(), tokenizer, params
         self.device = next(model.parameters()).device

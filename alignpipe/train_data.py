@@ -17,13 +17,7 @@ from pathlib import Path
 
 from alignpipe.errors import UserError
 
-TASKS = ("sft", "reward", "pointwise", "pairwise")
-PAIRED = ("reward", "pairwise")
-
-
-def task_of(kind: str) -> str:
-    """'batches-pairwise' -> 'pairwise'."""
-    return kind.removeprefix("batches-")
+PAIRED = ("reward", "pairwise")  # tasks whose examples are (chosen, rejected) pairs
 
 
 def _columns(task: str, stored_reference: bool) -> list[str]:

@@ -48,9 +48,9 @@ def counting_generate(model, eos: set[int], counter: dict):
     return original
 
 
-def timed(fn):
+def timed(fn, seed: int):
     wall, cpu = time.perf_counter(), time.process_time()
-    tokens = fn()
+    tokens = fn(seed)
     return tokens, time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -88,7 +88,7 @@ def bench_case(name: str, folder: Path, *, prompts: int, batch_size: int, num_sa
     runs = {"stage": [], "pipeline": []}
     for i in range(repeats + 1):  # the first round warms both up and is not counted
         for key, fn in (("stage", ours), ("pipeline", theirs)):
-            result = timed(lambda: fn(i))
+            result = timed(fn, i)
             if i:
                 runs[key].append(result)
 
@@ -125,12 +125,12 @@ def main(argv=None) -> int:
             from alignpipe.testing import build_tiny_models
 
             folder = build_tiny_models(tempfile.mkdtemp(prefix="bench-generate-"))["policy"]
-            sizes = dict(prompts=32 if args.quick else 64, max_new_tokens=64)
+            sizes = {"prompts": 32 if args.quick else 64, "max_new_tokens": 64}
         else:
             from alignpipe.smollm import smollm2_folder
 
             folder = smollm2_folder()
-            sizes = dict(prompts=8 if args.quick else 16, max_new_tokens=64 if args.quick else 128)
+            sizes = {"prompts": 8 if args.quick else 16, "max_new_tokens": 64 if args.quick else 128}
         result = bench_case(case, folder, batch_size=args.batch_size, num_samples=2, repeats=args.repeats,
                             threads=args.threads, **sizes)
         print(json.dumps(result), flush=True)

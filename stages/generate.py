@@ -11,11 +11,19 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say, up_to_date_message
+from alignpipe.cli_common import (
+    ConfigOpt,
+    ForceOpt,
+    OutOpt,
+    handle_errors,
+    resolved_config,
+    say,
+    up_to_date_message,
+)
 from alignpipe.errors import UserError
 
 ENGINES = ("transformers", "vllm")
@@ -185,18 +193,18 @@ def command(
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
-    stop: Annotated[Optional[list[str]], typer.Option(
+    stop: Annotated[list[str] | None, typer.Option(
         help="Stop string (repeatable); the response is cut before it.")] = None,
     seed: Annotated[int, typer.Option(help="Seed; batch b samples with a seed derived from (seed, b).")] = 0,
     batch_size: Annotated[str, typer.Option(
         help="Prompts per batch, or 'auto': 8 on CPU, 32 on CUDA, 256 with --engine vllm.")] = "auto",
     shard_batches: Annotated[int, typer.Option(min=1, help="Batches per checkpointed shard.")] = 4,
-    max_prompt_length: Annotated[Optional[int], typer.Option(
+    max_prompt_length: Annotated[int | None, typer.Option(
         min=1, help="Longest prompt in tokens (default: the policy's context minus --max-new-tokens).")] = None,
     long_prompts: Annotated[str, typer.Option(
         help="truncate (from the left) | skip, for prompts longer than --max-prompt-length.")] = "truncate",
     split: Annotated[str, typer.Option(help="Which prompts: all | train | test.")] = "all",
-    chat_template: Annotated[Optional[Path], typer.Option(
+    chat_template: Annotated[Path | None, typer.Option(
         help="Jinja chat template file, for tokenizers without one.")] = None,
     iteration: Annotated[int, typer.Option(help="Online iteration number, recorded in every row.")] = 0,
     engine: Annotated[str, typer.Option(help="transformers | vllm (needs vllm and a GPU).")] = "transformers",
@@ -205,15 +213,21 @@ def command(
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option(help="Run the model folder's own Python code.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickle (*.bin) weights from a trusted source.")] = False,
-    num_shards: Annotated[Optional[int], typer.Option(help="Processes splitting the batches (or WORLD_SIZE).")] = None,
-    shard_index: Annotated[Optional[int], typer.Option(help="This process's range of batches (or RANK).")] = None,
+    num_shards: Annotated[int | None, typer.Option(help="Processes splitting the batches (or WORLD_SIZE).")] = None,
+    shard_index: Annotated[int | None, typer.Option(help="This process's range of batches (or RANK).")] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ):
     """Sample responses from a policy: batched, seeded, resumable, with behaviour log-probs."""
     from alignpipe.io import read_input
-    from alignpipe.models import adapter_base, check_model_folder, is_adapter, load_tokenizer, model_fingerprint
-    from alignpipe.models import resolve_device
+    from alignpipe.models import (
+        adapter_base,
+        check_model_folder,
+        is_adapter,
+        load_tokenizer,
+        model_fingerprint,
+        resolve_device,
+    )
     from alignpipe.output import StageOutput, map_shards, part_path, process_shard
     from alignpipe.sampling import SamplingParams
 

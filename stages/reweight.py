@@ -238,7 +238,7 @@ def command(
     with so:
         if policies:
             result = core(_forward(so, ds, policies[0], device=device, dtype=dtype, batch_size=batch_size))
-        so.report = result[1]
+        so.report = {**result[1], **so.report}  # + resumed_shards of the forward pass
         so.finish(result[0])
     _say_report(so.report, out)
 

@@ -32,7 +32,9 @@ from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, res
 from alignpipe.errors import UserError
 
 # the names of alignpipe.losses.LOSSES (kept here so that `--help` needs no torch; a test checks they agree)
-LOSS_NAMES = ("sft", "reward", "dpo", "cdpo", "ipo", "slic", "kto", "simpo", "orpo", "robust-dpo")
+from alignpipe.losses import LOSSES  # noqa: E402  (the table imports torch lazily)
+
+LOSS_NAMES = tuple(LOSSES)
 BATCH_KINDS = ("batches-sft", "batches-reward", "batches-pointwise", "batches-pairwise")
 # how a run is carried out, not what it computes: left out of the config key, so changing them neither
 # discards checkpoints nor makes a finished output stale (they are in the manifest's report)

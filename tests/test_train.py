@@ -83,10 +83,9 @@ def train(*args) -> tuple[int, str]:
 
 
 def losses_of(folder: Path) -> list[float]:
-    return [row["loss"] for row in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+    from alignpipe.metrics import read_metrics
 
-
-TASK_OF = {"sft": "sft", "reward": "reward", "kto": "pointwise"}
+    return [row["loss"] for row in read_metrics(folder / "metrics.jsonl")]
 
 
 def task_examples(task: str, n: int) -> list[dict]:
@@ -232,9 +231,11 @@ def _cli(*args) -> list[str]:
 
 
 def test_sigkill_then_rerun_resumes_with_the_same_losses(tmp_path, tiny_lm_dir):
+    """A subprocess run killed after a checkpoint, rerun: the losses and weights equal an uninterrupted run's.
+    One thread everywhere (OMP and MKL), so the subprocess and this process run the same kernels."""
     b = write_batches(tmp_path / "b", "pairwise", pairs(24), tiny_lm_dir, batch_size=2)
     common = ["--policy", tiny_lm_dir, "--loss", "dpo", "--lr", "1e-3", "--save-every", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 threads on 2 busy shared cores crawl (OpenMP waits)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(_cli(b, "--out", tmp_path / "p", *common), env=env, stderr=subprocess.DEVNULL)
     partial, deadline = tmp_path / ".p.partial", time.time() + 120
     while not list(partial.glob("checkpoint-00000[36]")) and proc.poll() is None and time.time() < deadline:
@@ -243,12 +244,15 @@ def test_sigkill_then_rerun_resumes_with_the_same_losses(tmp_path, tiny_lm_dir):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (tmp_path / "p").exists()
     assert 3 <= len((partial / "metrics.jsonl").read_text().splitlines()) < 12
-    rerun = subprocess.Popen(_cli(b, "--out", tmp_path / "p", *common, "--resume"), env=env, stderr=subprocess.PIPE,
-                             text=True)
-    straight = subprocess.Popen(_cli(b, "--out", tmp_path / "q", *common), env=env, stderr=subprocess.PIPE, text=True)
-    for p in (rerun, straight):
-        assert p.wait(timeout=300) == 0, p.stderr.read()
-    assert "resuming after step" in rerun.stderr.read()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, out = train(b, "--out", tmp_path / "p", *common, "--resume")
+        assert code == 0 and "resuming after step" in out, out
+        code, out = train(b, "--out", tmp_path / "q", *common)
+        assert code == 0, out
+    finally:
+        torch.set_num_threads(threads)
     resumed, straight = losses_of(tmp_path / "p"), losses_of(tmp_path / "q")
     assert len(resumed) == len(straight) == 12
     assert max(abs(x - y) for x, y in zip(resumed, straight)) <= 1e-6
@@ -303,6 +307,16 @@ def test_lora_trains_only_the_adapter_and_the_folder_loads_and_generates(tmp_pat
     tok = load_tokenizer(tmp_path / "a")
     ids = tok("Hi", return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 3
+    # the next online iteration continues the adapter (same rank), still on the base model, reference = base
+    code, out = train(b, "--policy", tmp_path / "a", "--loss", "dpo", "--out", tmp_path / "a2", "--lr", "1e-2",
+                      "--lora-r", "4")
+    assert code == 0, out
+    cfg2 = json.loads((tmp_path / "a2" / "adapter_config.json").read_text())
+    assert cfg2["base_model_name_or_path"] == cfg["base_model_name_or_path"]
+    again = load_file(tmp_path / "a2" / "adapter_model.safetensors")
+    assert set(again) == set(adapter) and not all(torch.equal(again[k], adapter[k]) for k in adapter)
+    code, out = train(b, "--policy", tmp_path / "a", "--loss", "dpo", "--out", tmp_path / "a3", "--lora-r", "8")
+    assert code == 2 and "is a LoRA adapter of rank 4, not --lora-r 8" in out
     code, out = train(b, "--policy", tiny_lm_dir, "--loss", "dpo", "--out", tmp_path / "merged", "--lr", "1e-2",
                       "--lora-r", "4", "--target-modules", "q_proj", "--target-modules", "v_proj", "--merge")
     assert code == 0, out
@@ -393,6 +407,8 @@ def test_bad_inputs(tmp_path, tiny_lm_dir):
         code, out = train(b, "--policy", tiny_lm_dir, "--out", tmp_path / "p", *extra)
         assert code == 2 and message in out, (extra, out)
         assert len([x for x in out.splitlines() if x.startswith("error:")]) == 1
+    code, out = train(b, "--policy", tmp_path / "nope", "--loss", "dpo", "--out", tmp_path / "p")
+    assert code == 2 and f"policy {tmp_path / 'nope'}: no such folder" in out
     bad = write_batches(tmp_path / "neg", "pairwise", [{**pairs(1)[0], "w2": -1.0}], tiny_lm_dir)
     code, out = train(bad, "--policy", tiny_lm_dir, "--loss", "dpo", "--out", tmp_path / "p")
     assert code == 2 and "row 0: column 'response2_weight' must be a finite number >= 0" in out
