@@ -63,7 +63,7 @@ class LossInputs:
     ref_kl_logp: Tensor | None = None
 
 
-LossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]  # fn(x: LossInputs, **hparams) -> (loss, metrics)
+LossFn = Callable[..., "tuple[Tensor, dict[str, Tensor]]"]  # fn(x: LossInputs, **hparams) -> (loss, metrics)
 
 
 @dataclass(frozen=True)
