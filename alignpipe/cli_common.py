@@ -55,6 +55,10 @@ def _load_config(ctx: typer.Context, param, value):
         if multiple != isinstance(val, list) or isinstance(val, dict):
             want = "a list" if multiple else "a single value"
             raise typer.BadParameter(f"{path}: key '{key}' must be {want}, found {val!r}", param=param)
+        try:  # the type and range checks of the option itself, so that the error names the file and key
+            options[name].process_value(ctx, val)
+        except click_exc.BadParameter as e:
+            raise typer.BadParameter(f"{path}: key '{key}': {e.message} (found {val!r})", param=param)
         config[name] = val
     ctx.default_map = {**(ctx.default_map or {}), **config}
     return path

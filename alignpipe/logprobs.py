@@ -3,9 +3,15 @@ reweight's importance correction, build-batches' reference pass and train.
 
 Sequences are prompt + response, right-padded, so one forward scores any number of (prompt, response)
 pairs; in pairwise training chosen and rejected go through the model in one concatenated forward.
+The output head runs only where the next token is a response token: a pre-hook on the model's output
+embeddings gathers those M hidden states (prompt and padding positions never reach the head), so the
+logits are (M, V) instead of (N, T, V). The hook sits on the head itself, so it works through PEFT, DDP and
+FSDP wrappers; a model whose forward bypasses its output embeddings falls back to full logits.
 Log-probs are gathered as logit[target] - logsumexp(logits), never materialising a log-softmax copy.
 """
 from __future__ import annotations
+
+import contextlib
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device="cpu") -> dict:
@@ -39,14 +45,50 @@ def token_logps(logits, targets):
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def _output_head(model):
+    """The module that turns hidden states into logits (through DDP's .module and PEFT's passthrough)."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    get = getattr(inner, "get_output_embeddings", None)
+    return get() if get is not None else None
+
+
+@contextlib.contextmanager
+def head_at(model, flat_positions):
+    """While active, the output head sees only the hidden states at `flat_positions` of (N*T) positions."""
+    head = _output_head(model)
+    if head is None:
+        yield
+        return
+
+    def gather(_module, args):
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def sequence_logps(model, batch: dict):
     """Summed response log-probs (N,) and response lengths (N,) for a batch from `collate`."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logits = out.logits[:, :-1]
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["response_mask"][:, 1:]
-    per_token = token_logps(logits, targets) * mask
-    return per_token.sum(-1), mask.sum(-1)
+    import torch
+
+    ids = batch["input_ids"]
+    mask = batch["response_mask"][:, 1:]  # position t predicts token t+1
+    rows, cols = mask.nonzero(as_tuple=True)
+    with head_at(model, rows * ids.shape[1] + cols):
+        out = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits
+    if logits.dim() == 3:  # the head was not reached through get_output_embeddings(): full logits
+        per_token = token_logps(logits[:, :-1], ids[:, 1:]) * mask
+        return per_token.sum(-1), mask.sum(-1)
+    logits = logits.float()
+    targets = ids[rows, cols + 1]
+    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    sums = torch.zeros(ids.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
+    return sums, mask.sum(-1)
 
 
 def score_responses(model, prompts, responses, pad_id: int, batch_size: int = 16, device="cpu") -> list[float]:

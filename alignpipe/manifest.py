@@ -12,6 +12,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 _SECRET_KEYS = re.compile(r"(api[_-]?key|token|secret|password)", re.I)
+_REGISTERED: set[str] = set()  # secrets read from variables with other names (an annotator's key_env)
 
 
 def read_manifest(path: Path) -> dict | None:
@@ -57,9 +58,16 @@ def git_revision() -> str | None:
         return None
 
 
+def register_secret(value: str | None) -> None:
+    """Scrub `value` too from everything written or printed (e.g. the API key named by key_env=)."""
+    if value and len(value) >= 6:
+        _REGISTERED.add(value)
+
+
 def secret_values() -> list[str]:
-    """Values of environment variables that look like secrets, to scrub from anything written."""
-    return [v for k, v in os.environ.items() if _SECRET_KEYS.search(k) and len(v) >= 6]
+    """Values of environment variables that look like secrets, and registered ones, longest first."""
+    found = {v for k, v in os.environ.items() if _SECRET_KEYS.search(k) and len(v) >= 6} | _REGISTERED
+    return sorted(found, key=len, reverse=True)
 
 
 def redact(obj):

@@ -15,6 +15,17 @@ from alignpipe.errors import UserError, first_line
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def quiet_transformers() -> None:
+    """No per-file progress bars or advisory warnings from transformers inside stages (they log their own)."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 def resolve_dtype(name: str):
     import torch
 
@@ -72,6 +83,7 @@ def load_tokenizer(path: Path | str, chat_template: Path | None = None, padding_
     """The tokenizer of a model/adapter folder, with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"tokenizer {p}: no such folder")
@@ -93,11 +105,22 @@ def load_tokenizer(path: Path | str, chat_template: Path | None = None, padding_
     return tok
 
 
+def load_errors() -> tuple:
+    """What loading a bad model folder raises: missing or mistyped files, truncated or corrupted safetensors,
+    pickle weights that the weights-only unpickler refuses."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError
+
+
 def _from_pretrained(cls, path: Path, dtype, trust_remote_code: bool, allow_pickle: bool, what: str):
+    quiet_transformers()
     try:
         return cls.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
                                    use_safetensors=None if allow_pickle else True)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except load_errors() as e:
         raise UserError(f"{what} {path}: cannot load ({first_line(e, 160)})")
 
 
@@ -121,10 +144,12 @@ def attach_adapter(model, adapter: Path, trainable: bool, what: str = "policy"):
 
     try:
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError) as e:  # the shapes or names of another base model
         msg = str(e).splitlines()[0][:160]
         raise UserError(f"{what} {adapter}: adapter does not fit its base model "
                         f"{adapter_base(adapter)} ({type(e).__name__}: {msg})")
+    except load_errors() as e:  # unreadable files: truncated safetensors, refused pickle, ...
+        raise UserError(f"{what} {adapter}: cannot load the adapter ({first_line(e, 160)})")
 
 
 def load_reward_model(path: Path | str, *, dtype="float32", device="cpu", trust_remote_code=False,

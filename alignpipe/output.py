@@ -23,7 +23,14 @@ import time
 from pathlib import Path
 
 from alignpipe.errors import LockedError, UserError
-from alignpipe.manifest import build_manifest, fingerprint_files, input_key, read_manifest, write_manifest
+from alignpipe.manifest import (
+    build_manifest,
+    fingerprint_files,
+    input_key,
+    read_manifest,
+    redact,
+    write_manifest,
+)
 
 
 class Lock:
@@ -46,7 +53,7 @@ class Lock:
     def acquire(self) -> None:
         import fcntl
 
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": redact(" ".join(sys.argv))[:300],
               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         for _ in range(100):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -161,6 +161,17 @@ def build_sampler(engine: str, policy: Path, tokenizer, params, *, dtype, device
     return Sampler(model, tokenizer, params)
 
 
+def parse_rows(text: str | None) -> slice:
+    """`--rows START:END` (either side may be empty) as a slice over the selected prompts."""
+    if not text:
+        return slice(None)
+    try:
+        start, end = (int(x) if x.strip() else None for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"--rows '{text}': expected START:END, e.g. 0:64")
+    return slice(start, end)
+
+
 def _check_options(num_samples, max_new_tokens, temperature, top_p, top_k, long_prompts, split, engine):
     if long_prompts not in ("truncate", "skip"):
         raise UserError(f"--long-prompts '{long_prompts}': unknown (known: truncate, skip)")
@@ -204,6 +215,8 @@ def command(
     long_prompts: Annotated[str, typer.Option(
         help="truncate (from the left) | skip, for prompts longer than --max-prompt-length.")] = "truncate",
     split: Annotated[str, typer.Option(help="Which prompts: all | train | test.")] = "all",
+    rows: Annotated[str | None, typer.Option(
+        "--rows", help="START:END slice of the selected prompts (e.g. fresh prompts per online iteration).")] = None,
     chat_template: Annotated[Path | None, typer.Option(
         help="Jinja chat template file, for tokenizers without one.")] = None,
     iteration: Annotated[int, typer.Option(help="Online iteration number, recorded in every row.")] = 0,
@@ -248,14 +261,15 @@ def command(
         return up_to_date_message("generate", target)
     dev = "cuda" if engine == "vllm" else resolve_device(device)
     bs = resolve_batch_size(batch_size, engine, dev)
-    rows = list(range(len(ds))) if split == "all" else [i for i, s in enumerate(ds["split"]) if s == split]
-    if not rows:
-        raise UserError(f"{prompts}: no prompts with split '{split}'")
+    selected = list(range(len(ds))) if split == "all" else [i for i, s in enumerate(ds["split"]) if s == split]
+    selected = selected[parse_rows(rows)]
+    if not selected:
+        raise UserError(f"{prompts}: no prompts with split '{split}'" + (f" in rows {rows}" if rows else ""))
     tok = load_tokenizer(policy, chat_template=chat_template, trust_remote_code=trust_remote_code)
     limit = resolve_max_prompt_length(max_prompt_length, context_length(policy, tok, trust_remote_code),
                                       max_new_tokens)
-    prepared, long_report = prepare_prompts(ds.select(rows), tok, max_prompt_length=limit,
-                                            long_prompts=long_prompts, where=str(prompts), row_ids=rows)
+    prepared, long_report = prepare_prompts(ds.select(selected), tok, max_prompt_length=limit,
+                                            long_prompts=long_prompts, where=str(prompts), row_ids=selected)
     first, last = batch_range(len(prepared), bs, num_shards, shard_index)
     mine = prepared.select(range(first * bs, min(len(prepared), last * bs)))
     params = SamplingParams(num_samples, max_new_tokens, temperature, top_p, top_k, tuple(stop or ()))

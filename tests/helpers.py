@@ -60,7 +60,7 @@ def child_env(**extra) -> dict:
 def run_killed(args: list, fault: str, set_: str | None = None, timeout: float = 240):
     """Run `alignpipe ARGS` in a child that SIGKILLs itself at `fault`; assert that it was killed there."""
     env = child_env(**{FAULT_ENV: fault}, **({SET_ENV: set_} if set_ else {}))
-    proc = subprocess.run([sys.executable, "-c", _LAUNCH, *map(str, args)], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", _LAUNCH, *map(str, args)], check=False, env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == -signal.SIGKILL, f"fault {fault} never fired (exit {proc.returncode}):\n" \
                                                f"{proc.stderr[-3000:]}"
@@ -77,7 +77,7 @@ def start_child(args: list, fault: str, set_: str | None = None) -> subprocess.P
 def run_child(args: list, set_: str | None = None, timeout: float = 240, **env):
     """Run `alignpipe ARGS` in a child process (no fault); returns the CompletedProcess."""
     env = child_env(**({SET_ENV: set_} if set_ else {}), **env)
-    return subprocess.run([sys.executable, "-c", _LAUNCH, *map(str, args)], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-c", _LAUNCH, *map(str, args)], check=False, env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -157,6 +157,35 @@ def set_manifest(path: Path, **fields) -> None:
     (Path(path) / "manifest.json").write_text(json.dumps(m))
 
 
+# ------------------------------------------------------------------------------- rows of every kind
+def prompt(i: int = 0, **kw) -> dict:
+    return {"prompt_id": f"p{i}", "prompt": f"Say something nice about number {i}.", "messages": [],
+            "reference": None, "split": "train", **kw}
+
+
+def generation(i: int, j: int, response: str, **kw) -> dict:
+    return {**prompt(i), "sample_index": j, "response": response, "num_tokens": len(response.split()) + 1,
+            "finish_reason": "eos", "behaviour_logp": -1.0 - j, "policy": "pol", "policy_fingerprint": "fp",
+            "iteration": 0, **kw}
+
+
+def pair(i: int = 0, **kw) -> dict:
+    p = prompt(i)
+    return {**{k: p[k] for k in ("prompt_id", "prompt", "messages")}, "iteration": 0,
+            "response1": "A kind and good answer.", "response1_sample_index": 0, "response1_num_tokens": 6,
+            "response1_behaviour_logp": -3.0, "response1_reward": 1.0,
+            "response2": "Bad.", "response2_sample_index": 1, "response2_num_tokens": 2,
+            "response2_behaviour_logp": -2.0, "response2_reward": 0.0, "preference": 0.8, "annotator": "test",
+            "raw": [], "pairing": "all", "policy": "", **kw}
+
+
+def weighted(i: int = 0, **kw) -> dict:
+    return {**pair(i), "response1_weight": 1.0, "response2_weight": 1.0, **kw}
+
+
+GENERATIONS = [generation(i, j, r) for i in range(2) for j, r in enumerate(["Nice!", "A longer answer here."])]
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return Path(path)
@@ -188,7 +217,7 @@ def leftovers(out: Path) -> list[str]:
 def assert_clean_failure(result, out: Path, *needles: str, code: int = 2, allow: tuple = ()) -> str:
     """One error line naming the problem, the exit code, no traceback, no output, no tmp, lock released."""
     lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith(("error:", "internal error:"))]
+    errors = [line for line in lines if line.startswith(("error:", "internal error:", "Error:"))]
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output, result.output
     assert len(errors) == 1 and errors[0] == lines[-1], result.output

@@ -1,7 +1,9 @@
 """Pairwise judge behind an OpenAI-compatible endpoint: POST {base}/chat/completions (stdlib only).
 
 - The key is read from the environment variable named by `key_env` and sent as a Bearer token; only the
-  variable's name is ever recorded (manifest, errors, logs).
+  variable's name is ever recorded (manifest, errors, logs). Its value is registered as a secret, and every
+  text the endpoint sends back (reply, status reason) is scrubbed of it before it is cached, recorded in an
+  abstention's reason or put in an error: an endpoint that echoes the request cannot leak it.
 - At most `concurrency` requests in flight; each has a `timeout`; 429, 5xx, timeouts and connection errors
   are retried up to `retries` times with exponential backoff (`backoff` * 2^attempt, plus up to as much
   jitter), honouring a Retry-After header. 401/403/404/400 stop the run with one line (every request would
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from alignpipe.annotators import Query, Verdict, fill, load_template, parse_labels, prompt_text, swap_average
 from alignpipe.errors import UserError
+from alignpipe.manifest import redact, register_secret
 
 RETRYABLE = {429, 500, 502, 503, 504, 520, 522, 524}
 FATAL = {400, 401, 403, 404}
@@ -109,6 +112,7 @@ class HttpJudge:
         if self.key_env and not os.environ.get(self.key_env):
             raise UserError(f"--annotator '{spec.text}': environment variable {self.key_env} (key_env) is "
                             f"not set; set it, or key_env= for an endpoint without a key")
+        register_secret(os.environ.get(self.key_env) if self.key_env else None)
         self.labels = parse_labels(o["labels"], f"--annotator '{spec.text}'")
         self.template, self.template_file = load_template(o["template"], "pairwise")
         cache_dir = runtime.cache_dir or Path.home() / ".cache" / "alignpipe" / "http"
@@ -163,17 +167,18 @@ class HttpJudge:
                     raw = resp.read()
                 return _content(raw)
             except urllib.error.HTTPError as e:
+                reason = redact(str(e.reason))
                 if e.code in FATAL:
                     key = f" and the key in ${self.key_env}" if self.key_env else ""
-                    raise UserError(f"{self.url}: HTTP {e.code} {e.reason} (check the URL, model "
-                                    f"'{self.model}'{key})")
+                    raise UserError(f"{self.url}: HTTP {e.code} {reason} (check the URL, model "
+                                    f"'{self.model}'{key})") from None  # (the HTTPError may quote the key)
                 if e.code not in RETRYABLE:
-                    raise Abstain(f"HTTP {e.code} {e.reason}")
+                    raise Abstain(f"HTTP {e.code} {reason}")
                 last, wait = f"HTTP {e.code}", _retry_after(e.headers)
             except (TimeoutError, OSError, http.client.HTTPException) as e:  # timeout, refused, cut off
                 reason = getattr(e, "reason", e)
                 last = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) \
-                    else f"connection error ({reason})"
+                    else f"connection error ({redact(str(reason))})"
             if attempt < self.retries:
                 delay = self.backoff * 2 ** attempt
                 time.sleep(min(120.0, wait if wait is not None else delay + random.uniform(0, delay)))
@@ -207,7 +212,9 @@ class HttpJudge:
 
 
 def _content(raw: bytes) -> str:
-    """The message text of a chat-completions response body; Abstain when the body is not one."""
+    """The message text of a chat-completions response body, scrubbed of secrets; Abstain when the body is
+    not one."""
+    raw = redact(raw.decode("utf-8", errors="replace")).encode()
     try:
         data = json.loads(raw)
         content = data["choices"][0]["message"]["content"]
