@@ -25,11 +25,22 @@ def read_manifest(path: Path) -> dict | None:
         return None
 
 
+_HASHES: dict = {}  # (folder, patterns, [(file, size, mtime)]) -> hash: a big model is hashed once per process
+
+
 def fingerprint_files(path: Path, patterns=("*.arrow", "*.safetensors", "*.json", "*.bin", "*.model")) -> str:
     """A content hash of the data/weight files of a folder (sorted by relative name; manifest excluded)."""
     path = Path(path)
-    h = hashlib.sha256()
     files = sorted({f for p in patterns for f in path.rglob(p) if f.name != MANIFEST and f.is_file()})
+    stats = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    key = (str(path.resolve()), patterns, stats)
+    if key not in _HASHES:
+        _HASHES[key] = _hash_files(path, files)
+    return _HASHES[key]
+
+
+def _hash_files(path: Path, files: list[Path]) -> str:
+    h = hashlib.sha256()
     for f in files:
         h.update(str(f.relative_to(path)).encode())
         with open(f, "rb") as fh:

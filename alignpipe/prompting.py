@@ -19,11 +19,19 @@ def render_prompt(tokenizer, prompt: str, messages: list | None, where: str = "p
         if not has_template:
             raise UserError(f"{where}: conversational prompt but the tokenizer has no chat template; "
                             f"pass --chat-template FILE (a Jinja template)")
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return _apply(tokenizer, list(messages), where)
     if has_template and use_chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return _apply(tokenizer, [{"role": "user", "content": prompt}], where)
     return prompt
+
+
+def _apply(tokenizer, messages: list, where: str) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:
+        raise UserError(f"{where}: the chat template fails on this conversation ({type(e).__name__}: {e})")
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -39,6 +39,7 @@ def prepare_prompts(ds, tokenizer, *, max_prompt_length: int, long_prompts: str 
     token ids `_ids`; {"truncated": n} or {"skipped": n}). `row_ids` name the rows in errors.
     """
     from datasets import Dataset, Features, List, Value
+    from jinja2 import TemplateError
 
     import schemas
     from alignpipe.prompting import render_prompt
@@ -50,7 +51,11 @@ def prepare_prompts(ds, tokenizer, *, max_prompt_length: int, long_prompts: str 
         at = f"{where} row {row_ids[i]} (prompt_id {pid})"
         if not messages and not (prompt or "").strip():
             raise UserError(f"{at}: empty prompt")
-        texts.append(render_prompt(tokenizer, prompt, messages, where=at))
+        try:
+            texts.append(render_prompt(tokenizer, prompt, messages, where=at))
+        except (TemplateError, ValueError, TypeError, KeyError) as e:  # e.g. the template's raise_exception
+            raise UserError(f"{at}: the chat template failed to render "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     keep, long_count = [], 0
     for i, row in enumerate(ids):
@@ -98,7 +103,9 @@ def sample_batches(part, sampler, *, batch_size: int, seed: int, first_batch: in
                          "messages": batch["messages"][i], "reference": batch["reference"][i],
                          "sample_index": k % n, "response": s.text, "num_tokens": len(s.token_ids),
                          "finish_reason": s.finish_reason, "behaviour_logp": s.logp, **meta})
-    return Dataset.from_list(rows, features=schemas.features("generations"))
+    features = schemas.features("generations")
+    return Dataset.from_list(rows, features=features) if rows else Dataset.from_dict(
+        {c: [] for c in features}, features=features)  # a process shard without batches
 
 
 def generate(ds, sampler, tokenizer, *, batch_size: int = 8, seed: int = 0, max_prompt_length: int = 10**9,
@@ -270,6 +277,9 @@ def command(
                                       max_new_tokens)
     prepared, long_report = prepare_prompts(ds.select(selected), tok, max_prompt_length=limit,
                                             long_prompts=long_prompts, where=str(prompts), row_ids=selected)
+    if len(prepared) == 0:
+        raise UserError(f"{prompts}: every prompt is longer than --max-prompt-length {limit} tokens and "
+                        f"--long-prompts skip dropped them all; nothing to generate")
     first, last = batch_range(len(prepared), bs, num_shards, shard_index)
     mine = prepared.select(range(first * bs, min(len(prepared), last * bs)))
     params = SamplingParams(num_samples, max_new_tokens, temperature, top_p, top_k, tuple(stop or ()))

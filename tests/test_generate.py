@@ -232,6 +232,12 @@ def test_two_process_shards_equal_one(tmp_path, many_prompts, tiny_lm_dir, refer
     part = read_manifest(out / "part-00001-of-00002")
     assert part["report"]["process_shard"] == [1, 2] and part["report"]["batches"] == [4, 8]
     assert rows_of(out) == rows_of(reference)
+    # more processes than batches: the extra ones write empty, complete parts
+    wide = tmp_path / "wide"
+    for i in range(3):
+        generate_ok(many_prompts, "--policy", tiny_lm_dir, "--out", wide, "--max-new-tokens", 2, "--batch-size", 4,
+                    "--num-shards", 3, "--shard-index", i)
+    assert read_manifest(wide / "part-00000-of-00003")["num_rows"] == 0 and len(rows_of(wide)) == 16
 
 
 # -- policies and templates ------------------------------------------------------------------------------
@@ -274,6 +280,13 @@ def test_messages_need_a_chat_template(tmp_path, prompts, tiny_lm_notemplate_dir
     assert len(rows_of(tmp_path / "g")) == 10
 
 
+def test_chat_template_that_fails_to_render(tmp_path, prompts, tiny_lm_notemplate_dir):
+    (tmp_path / "bad.jinja").write_text("{{ raise_exception('no system messages') }}")
+    code, said = run(prompts, "--policy", tiny_lm_notemplate_dir, "--out", tmp_path / "g",
+                     "--chat-template", tmp_path / "bad.jinja")
+    assert code == 2 and "row 0 (prompt_id p0): the chat template failed to render" in said
+
+
 def test_tokenizer_without_pad_token(tmp_path, prompts, tiny_lm_nopad_dir):
     generate_ok(prompts, "--policy", tiny_lm_nopad_dir, "--out", tmp_path / "g", "--max-new-tokens", 3)
     assert len(rows_of(tmp_path / "g")) == 10
@@ -291,6 +304,10 @@ def test_long_prompts_truncate_or_skip(tmp_path, prompts, tiny_lm_dir):
     assert rep["long_prompts"] == {"skipped": 3} and rep["rows"] == 4
     code, said = run(prompts, "--policy", tiny_lm_dir, "--out", tmp_path / "x", "--max-new-tokens", 600)
     assert code == 2 and "context of 512 tokens" in said
+    code, said = run(prompts, "--policy", tiny_lm_dir, "--out", tmp_path / "x", "--max-prompt-length", 2,
+                     "--long-prompts", "skip")
+    assert code == 2 and "every prompt is longer than --max-prompt-length 2" in said
+    assert not list(tmp_path.glob(".x*")) and not (tmp_path / "x").exists()
 
 
 def test_bad_inputs(tmp_path, prompts, tiny_lm_dir):
