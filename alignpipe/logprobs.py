@@ -8,6 +8,11 @@ embeddings gathers those M hidden states (prompt and padding positions never rea
 logits are (M, V) instead of (N, T, V). The hook sits on the head itself, so it works through PEFT, DDP and
 FSDP wrappers; a model whose forward bypasses its output embeddings falls back to full logits.
 Log-probs are gathered as logit[target] - logsumexp(logits), never materialising a log-softmax copy.
+
+Pairs sharing a prompt (`collate_shared` + `shared_prompt_logps`): the prompt goes through the model once,
+its key/value cache is repeated for the two answers, and the answers continue from it (right-padded
+prompts, explicit position ids, so no row is ever fully masked). Same sums as the concatenated forward up to
+float rounding, with the prompt's layers computed once instead of twice; gradients flow through the cache.
 """
 from __future__ import annotations
 
@@ -34,6 +39,31 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int, d
         attn[i, : len(seq)] = 1
         resp[i, len(p): len(seq)] = True
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "response_mask": resp.to(device)}
+
+
+def _padded(seqs: list[list[int]], pad_id: int):
+    import torch
+
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return ids, mask
+
+
+def collate_shared(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device="cpu") -> dict:
+    """B prompts and k*B responses (response i continues prompt i % B), each block right-padded on its own:
+    prompt_ids / prompt_mask (B, Lp), prompt_lengths (B,), response_ids / response_mask (kB, Lr)."""
+    import torch
+
+    p_ids, p_mask = _padded(prompts, pad_id)
+    r_ids, r_mask = _padded(responses, pad_id)
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    out = {"prompt_ids": p_ids, "prompt_mask": p_mask, "prompt_lengths": lengths, "response_ids": r_ids,
+           "response_mask": r_mask}
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def token_logps(logits, targets):
@@ -84,11 +114,51 @@ def sequence_logps(model, batch: dict):
     if logits.dim() == 3:  # the head was not reached through get_output_embeddings(): full logits
         per_token = token_logps(logits[:, :-1], ids[:, 1:]) * mask
         return per_token.sum(-1), mask.sum(-1)
-    logits = logits.float()
-    targets = ids[rows, cols + 1]
-    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    picked = _picked(logits, ids[rows, cols + 1])
     sums = torch.zeros(ids.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
     return sums, mask.sum(-1)
+
+
+def _bare(model):
+    """The transformers model under DDP / PEFT wrappers (to read its forward's signature)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _cache_kw(model) -> str:
+    import inspect
+
+    params = inspect.signature(type(_bare(model)).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"  # transformers >= 5.x renamed it
+
+
+def _picked(logits, targets):
+    logits = logits.float()
+    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
+
+
+def shared_prompt_logps(model, shared: dict):
+    """Summed log-probs (kB,) and lengths (kB,) of the responses of `collate_shared`, the prompt run once."""
+    import torch
+
+    p_ids, p_mask, p_len = shared["prompt_ids"], shared["prompt_mask"], shared["prompt_lengths"]
+    r_ids, r_mask = shared["response_ids"], shared["response_mask"]
+    B, Lp = p_ids.shape
+    n, Lr = r_ids.shape
+    last = torch.arange(B, device=p_ids.device) * Lp + p_len - 1
+    with head_at(model, last):  # the last prompt position predicts every answer's first token
+        out = model(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    which = torch.arange(n, device=p_ids.device) % B
+    cache.batch_select_indices(which)
+    first = _picked(out.logits[which], r_ids[:, 0])
+    rows, cols = r_mask[:, 1:].nonzero(as_tuple=True)
+    positions = p_len[which].unsqueeze(1) + torch.arange(Lr, device=r_ids.device)
+    with head_at(model, rows * Lr + cols):
+        out = model(input_ids=r_ids, attention_mask=torch.cat([p_mask[which], r_mask], 1), position_ids=positions,
+                    use_cache=True, **{_cache_kw(model): cache})
+    rest = _picked(out.logits, r_ids[rows, cols + 1])
+    return first.index_add(0, rows, rest), r_mask.sum(-1)
 
 
 def score_responses(model, prompts, responses, pad_id: int, batch_size: int = 16, device="cpu") -> list[float]:

@@ -3,7 +3,7 @@ Shared by generate, annotate (judges), reweight (importance) and build-batches, 
 the same way everywhere."""
 from __future__ import annotations
 
-from alignpipe.errors import UserError
+from alignpipe.errors import UserError, first_line
 
 
 def render_prompt(tokenizer, prompt: str, messages: list | None, where: str = "prompt",
@@ -30,8 +30,8 @@ def _apply(tokenizer, messages: list, where: str) -> str:
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except TemplateError as e:
-        raise UserError(f"{where}: the chat template fails on this conversation ({type(e).__name__}: {e})")
+    except (TemplateError, TypeError, KeyError) as e:  # e.g. the template's own raise_exception
+        raise UserError(f"{where}: the chat template failed to render ({first_line(e)})")
 
 
 def encode(tokenizer, text: str) -> list[int]:

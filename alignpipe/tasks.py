@@ -56,7 +56,8 @@ def rows_of(ds, kind: str, where: str, counts: Counter) -> list[dict]:
         rows = [_row(i, r, response1=r["response"], response1_sample_index=r["sample_index"],
                      _open1=r["finish_reason"] == "length") for i, r in enumerate(ds.select_columns(cols))]
     else:
-        cols = list(_FIELDS) + (["response1_weight", "response2_weight"] if kind == "weighted" else [])
+        cols = list(_FIELDS) + ["response1_finish_reason", "response2_finish_reason"]
+        cols += ["response1_weight", "response2_weight"] if kind == "weighted" else []
         rows = [_row(i, r) for i, r in enumerate(ds.select_columns(cols))]
     for row in rows:
         _check_row(row, f"{where} row {row['_row']}", weighted=kind == "weighted")
@@ -65,6 +66,8 @@ def rows_of(ds, kind: str, where: str, counts: Counter) -> list[dict]:
 
 def _row(i: int, r: dict, tag1: str | None = None, **override) -> dict:
     row = {k: r.get(k) for k in _FIELDS}
+    for k in (1, 2):  # a response cut at max_new_tokens did not end: no end token is appended
+        row[f"_open{k}"] = r.get(f"response{k}_finish_reason") == "length"
     row.update(override)
     row["iteration"] = row["iteration"] or 0
     pair = row["response2"] is not None

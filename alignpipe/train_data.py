@@ -8,7 +8,8 @@ Per-example weight: `response1_weight` for sft and pointwise rows; for pairs (pa
 `response1_weight` and `response2_weight` (the weighted schema's rule: a pair's weight is the mean of both).
 
 Pairs go through the model in ONE forward: the collated sequences are the B chosen rows followed by the B
-rejected rows (2B sequences), built with `alignpipe.logprobs.collate`.
+rejected rows (2B sequences), built with `alignpipe.logprobs.collate`. Pairs of log-prob losses also carry
+the shared-prompt layout (`alignpipe.logprobs.collate_shared`): the prompt once, then both answers.
 """
 from __future__ import annotations
 
@@ -145,6 +146,7 @@ class Batch:
     ref2: object = None
     num_examples: int = 0  # real examples (weight-0 padding of an empty rank slice excluded)
     num_tokens: int = 0  # non-pad tokens in the forward
+    shared: dict | None = None  # pairwise: the same sequences as prompt once + 2B answers (collate_shared)
 
     @property
     def paired(self) -> bool:
@@ -155,10 +157,13 @@ def collate_group(group: dict[str, list], task: str, pad_id: int, device, real: 
     """Tensors of one micro-batch; pairs concatenated (chosen rows, then rejected rows) for one forward."""
     import torch
 
-    from alignpipe.logprobs import collate
+    from alignpipe.logprobs import collate, collate_shared
 
     prompts, responses = list(group["prompt_input_ids"]), list(group["response1_input_ids"])
+    shared = None
     if task in PAIRED:
+        if task == "pairwise":
+            shared = collate_shared(prompts, responses + list(group["response2_input_ids"]), pad_id, device)
         prompts, responses = prompts + prompts, responses + list(group["response2_input_ids"])
     t = collate(prompts, responses, pad_id, device)
 
@@ -167,7 +172,7 @@ def collate_group(group: dict[str, list], task: str, pad_id: int, device, real: 
 
     batch = Batch(t["input_ids"], t["attention_mask"], t["response_mask"], f32(example_weights(group, task)),
                   num_examples=len(group["example_id"]) if real else 0,
-                  num_tokens=int(t["attention_mask"].sum()))
+                  num_tokens=int(t["attention_mask"].sum()), shared=shared)
     if task == "pointwise":
         batch.label = torch.tensor(group["response1_label"], dtype=torch.bool, device=device)
     if task == "reward":

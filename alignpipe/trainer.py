@@ -243,24 +243,32 @@ def _tensors(batch) -> dict:
             "response_mask": batch.response_mask}
 
 
+def _logps(run: Run, model, batch):
+    """Summed response log-probs and lengths: the prompt computed once for both answers of a pair when the
+    model is not wrapped for several processes (DDP wants one forward per backward) and does not recompute
+    activations (gradient checkpointing drops the cache); else one concatenated forward."""
+    from alignpipe.logprobs import sequence_logps, shared_prompt_logps
+
+    bare = run.module.get_base_model() if is_peft(run.module) else run.module
+    if batch.shared is not None and run.dist.world == 1 and not getattr(bare, "is_gradient_checkpointing", False):
+        return shared_prompt_logps(model, batch.shared)
+    return sequence_logps(model, _tensors(batch))
+
+
 def policy_outputs(run: Run, batch):
     """(values, lengths), each (N,): summed response log-probs, or reward scores for the reward task (the
     score at the last non-pad token, the model's own pooling). One forward over all N sequences."""
-    from alignpipe.logprobs import sequence_logps
-
     with _autocast(run):
         if run.task == "reward":
             out = run.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             return out.logits[:, 0].float(), batch.response_mask.sum(-1).float()
-        logps, lengths = sequence_logps(run.model, _tensors(batch))
+        logps, lengths = _logps(run, run.model, batch)
     return logps, lengths.float()
 
 
 def reference_logps(run: Run, batch):
     """(ref1, ref2) summed reference log-probs, each (B,) or None; no gradients."""
     import torch
-
-    from alignpipe.logprobs import sequence_logps
 
     ref = run.reference
     if ref.kind == "stored":
@@ -272,10 +280,10 @@ def reference_logps(run: Run, batch):
             was_training = run.module.training
             run.module.eval()
             with run.module.disable_adapter():
-                logps, _ = sequence_logps(run.module, _tensors(batch))
+                logps, _ = _logps(run, run.module, batch)
             run.module.train(was_training)
         else:
-            logps, _ = sequence_logps(ref.model, _tensors(batch))
+            logps, _ = _logps(run, ref.model, batch)
     b = batch.weight.shape[0]
     return logps[:b], (logps[b:] if batch.paired else None)
 

@@ -34,9 +34,9 @@ BETA, LR = 0.1, 1e-6
 # ------------------------------------------------------------------------------------------- cases
 def cases(quick: bool) -> dict[str, dict]:
     """name -> model, lora rank, reference mode, data sizes. Quick: the tiny model and a short LoRA case."""
-    tiny = {"model": "tiny", "lora": 0, "pairs": 128 if quick else 384, "words": (10, 60), "batch_size": 8,
+    tiny = {"model": "tiny", "lora": 0, "pairs": 96 if quick else 384, "words": (10, 60), "batch_size": 8,
             "max_length": 256, "warmup": 2}
-    smol = {"model": "smollm2", "pairs": 8 if quick else 16, "words": (15, 45), "batch_size": 2,
+    smol = {"model": "smollm2", "pairs": 6 if quick else 12, "words": (15, 45), "batch_size": 2,
             "max_length": 128, "warmup": 1 if quick else 2}
     table = {"tiny-stored": {**tiny, "ref": "stored"}, "tiny-live": {**tiny, "ref": "live"},
              "smollm2-lora-stored": {**smol, "lora": 16, "ref": "stored"}}
@@ -62,24 +62,30 @@ def prepare_case(name: str, case: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ workers
-def step_clock(times: list):
-    """Wrap alignpipe.trainer.train_step to note the wall time at the end of every step."""
+def step_clock(times: list, after=None):
+    """Wrap alignpipe.trainer.train_step to note the wall time at the end of every step; `after()` (a probe
+    that bench_flops runs between steps) is timed apart and its seconds subtracted."""
     from alignpipe import trainer
 
     inner = trainer.train_step
+    lost = [0.0]
 
     def timed(*args, **kwargs):
         row = inner(*args, **kwargs)
-        times.append((time.perf_counter(), row["examples"], row["tokens"]))
+        times.append((time.perf_counter() - lost[0], row["examples"], row["tokens"]))
+        if after is not None:
+            t = time.perf_counter()
+            after()
+            lost[0] += time.perf_counter() - t
         return row
 
     trainer.train_step = timed
 
 
-def run_alignpipe(a) -> dict:
+def run_alignpipe(a, after=None) -> dict:
     """The real `alignpipe train` command, in this process, its steps timed from outside."""
     times: list = []
-    step_clock(times)
+    step_clock(times, after)
     out = Path(tempfile.mkdtemp(prefix="bench-train-")) / "policy"
     reference = {"stored": "stored", "live": "policy" if a.model == "smollm2" else a.reference}[a.ref]
     lora = ["--lora-r", str(a.lora)] if a.lora else []

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: response{1,2}_finish_reason in annotations/weighted
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ def _response(i: int, nullable: bool) -> list[Column]:
         _c(f"{r}_sample_index", "int32", f"Index of response {i} among the samples of its prompt (from generate).", nullable),
         _c(f"{r}_num_tokens", "int32", f"Number of tokens of response {i} as generated (0 when imported).", nullable),
         _c(f"{r}_behaviour_logp", "float64", f"Sum of log-probs of response {i} under the policy that sampled it.", True),
+        _c(f"{r}_finish_reason", "string", f"Why sampling of response {i} stopped: eos | length | stop; null when "
+           "imported. A 'length' response did not end, so no end token is trained on.", True),
         _c(f"{r}_reward", "float64", f"Combined reward of response {i} (see annotator); null when unscored.", True),
         _c(f"{r}_label", "bool", f"Desirable (true) / undesirable (false) label of response {i}, pointwise data.", True),
     ]

@@ -39,7 +39,8 @@ def match_pairs(candidate, baseline):
         for i, g in ((1, c), (2, b)):
             side.update({f"response{i}": g["response"], f"response{i}_sample_index": i - 1,
                          f"response{i}_num_tokens": g["num_tokens"], f"response{i}_behaviour_logp": None,
-                         f"response{i}_reward": None, f"response{i}_label": None})
+                         f"response{i}_reward": None, f"response{i}_label": None,
+                         f"response{i}_finish_reason": g["finish_reason"]})
         rows.append({"prompt_id": f"{c['prompt_id']}#{c['sample_index']}", "prompt": c["prompt"],
                      "messages": c["messages"], "iteration": c["iteration"], **side, "preference": None,
                      "annotator": "", "raw": [], "pairing": "evaluate", "policy": c["policy_fingerprint"]})

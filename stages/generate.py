@@ -39,8 +39,6 @@ def prepare_prompts(ds, tokenizer, *, max_prompt_length: int, long_prompts: str 
     token ids `_ids`; {"truncated": n} or {"skipped": n}). `row_ids` name the rows in errors.
     """
     from datasets import Dataset, Features, List, Value
-    from jinja2 import TemplateError
-
     import schemas
     from alignpipe.prompting import render_prompt
 
@@ -51,11 +49,7 @@ def prepare_prompts(ds, tokenizer, *, max_prompt_length: int, long_prompts: str 
         at = f"{where} row {row_ids[i]} (prompt_id {pid})"
         if not messages and not (prompt or "").strip():
             raise UserError(f"{at}: empty prompt")
-        try:
-            texts.append(render_prompt(tokenizer, prompt, messages, where=at))
-        except (TemplateError, ValueError, TypeError, KeyError) as e:  # e.g. the template's raise_exception
-            raise UserError(f"{at}: the chat template failed to render "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
+        texts.append(render_prompt(tokenizer, prompt, messages, where=at))
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     keep, long_count = [], 0
     for i, row in enumerate(ids):

@@ -36,8 +36,8 @@ def current_logps(ds, model, tokenizer, *, batch_size: int = 16, device="cpu") -
     """Summed log-probs of each row's responses under `model` (None for response 2 of pointwise rows).
 
     The prompt is rendered as generate renders it (`alignpipe.prompting`); the response is re-encoded from
-    its text, plus EOS when response{k}_num_tokens is exactly one more than the re-encoded length (the EOS
-    that generate counted). Generate's own token ids would be exact; re-encoding is exact only when the
+    its text, plus EOS when response{k}_finish_reason is 'eos' (for data without finish reasons: when
+    response{k}_num_tokens is exactly one more than the re-encoded length). Generate's own token ids would be exact; re-encoding is exact only when the
     text round-trips through the tokenizer."""
     from alignpipe.logprobs import score_responses
     from alignpipe.prompting import encode, render_prompt
@@ -51,7 +51,8 @@ def current_logps(ds, model, tokenizer, *, batch_size: int = 16, device="cpu") -
             if row[f"response{k}"] is None:
                 continue
             ids = encode(tokenizer, row[f"response{k}"])
-            if eos is not None and row[f"response{k}_num_tokens"] == len(ids) + 1:
+            reason = row.get(f"response{k}_finish_reason")
+            if eos is not None and (reason == "eos" if reason else row[f"response{k}_num_tokens"] == len(ids) + 1):
                 ids = ids + [eos]
             prompts.append(prompt)
             responses.append(ids)

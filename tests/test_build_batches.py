@@ -70,9 +70,9 @@ def ann(pid, r1, r2=None, *, s1=0, s2=1, reward1=None, reward2=None, label=None,
     row = {"prompt_id": pid, "prompt": prompt if prompt is not None else f"prompt {pid}", "messages": [],
            "iteration": 0, "response1": r1, "response1_sample_index": s1, "response1_num_tokens": 0,
            "response1_behaviour_logp": None, "response1_reward": reward1, "response1_label": label,
-           "response2": r2, "response2_sample_index": s2 if pair else None, "response2_num_tokens": 0 if pair else None,
+           "response1_finish_reason": None, "response2": r2, "response2_sample_index": s2 if pair else None, "response2_num_tokens": 0 if pair else None,
            "response2_behaviour_logp": None, "response2_reward": reward2, "response2_label": None,
-           "preference": preference, "annotator": "test", "raw": [], "pairing": "imported", "policy": ""}
+           "response2_finish_reason": None, "preference": preference, "annotator": "test", "raw": [], "pairing": "imported", "policy": ""}
     if w1 is not None:
         row.update(response1_weight=w1, response2_weight=w2)
     return row

@@ -153,7 +153,7 @@ def test_manifest_contents(tmp_path):
     for key in ("stage", "command", "config", "inputs", "schema", "package_version", "git_revision", "num_rows",
                 "seed", "started_at", "finished_at", "fingerprint"):
         assert key in m, key
-    assert m["stage"] == "import" and m["num_rows"] == 1 and m["schema"] == {"kind": "prompts", "version": "1.0"}
+    assert m["stage"] == "import" and m["num_rows"] == 1 and m["schema"] == {"kind": "prompts", "version": schemas.SCHEMA_VERSION}
     assert m["inputs"][0]["path"] == str(src) and len(m["inputs"][0]["fingerprint"]) == 16
 
 
@@ -200,7 +200,7 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(UserError, match="No space left on device"):
         with StageOutput(out, stage="t", kind=None, config={}, inputs=[]) as so:
             so.finish(write=boom)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.partial"]  # shards kept for resume, no output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temp folder, no empty partial, no lock
 
 
 # -- shards: SIGKILL mid-run, resume equals uninterrupted ----------------------------------------------------

@@ -45,16 +45,18 @@ def pair(**kw) -> dict:
     row = {"prompt_id": "p0", "prompt": "Say hi", "messages": [], "iteration": 0,
            "response1": "hello", "response1_sample_index": 0, "response1_num_tokens": 3,
            "response1_behaviour_logp": -2.0, "response1_reward": 1.0, "response1_label": None,
+           "response1_finish_reason": "eos",
            "response2": "bye", "response2_sample_index": 1, "response2_num_tokens": 1,
            "response2_behaviour_logp": -1.0, "response2_reward": 0.0, "response2_label": None,
-           "preference": 0.8, "annotator": "test", "raw": [vote(0.9), vote(0.3)], "pairing": "all", "policy": "abc"}
+           "response2_finish_reason": "eos", "preference": 0.8, "annotator": "test", "raw": [vote(0.9), vote(0.3)], "pairing": "all", "policy": "abc"}
     return {**row, **kw}
 
 
 def point(**kw) -> dict:
     """One pointwise annotations row."""
     none2 = {c: None for c in ("response2", "response2_sample_index", "response2_num_tokens",
-                               "response2_behaviour_logp", "response2_reward", "response2_label", "preference")}
+                               "response2_behaviour_logp", "response2_reward", "response2_label", "response2_finish_reason",
+                               "preference")}
     return {**pair(raw=[vote(score1=1.0)], pairing="pointwise", response1_label=True), **none2, **kw}
 
 
@@ -325,7 +327,7 @@ def test_core_order_is_combine_clip_normalize_drop_with_report(userfn):
     out, rep = reweight(dataset(rows), specs, clip=(None, 12.0), normalize="mean", drop_below=0.5)
     # clip: 2, 4, 12 -> mean 6 -> 1/3, 2/3, 2 -> drop the row under 0.5
     assert close(out["response1_weight"], [2 / 3, 2.0]) and list(out["response2_weight"]) == [None, None]
-    assert list(out["response1_reward"]) == [2.0, 12.0] and len(out.column_names) == 23
+    assert list(out["response1_reward"]) == [2.0, 12.0] and len(out.column_names) == len(schemas.columns("weighted"))
     assert rep["dropped"] == 1 and rep["rows_in"] == 3 and rep["rows_out"] == 2
     assert close(rep["weight_mean"], 4 / 3) and close(rep["weight_min"], 2 / 3) and close(rep["weight_max"], 2.0)
     assert close(rep["ess"], (2 / 3 + 2) ** 2 / ((2 / 3) ** 2 + 4)) and close(rep["ess_fraction"], 1.6 / 2)
@@ -456,9 +458,10 @@ def test_command_importance_with_the_tiny_policy(tmp_path, tiny_lm_dir):
     n_hi = len(encode(tok, "hi there")) + 1  # generate counted an EOS after "hi there"
     cur = [logp("Say hi", "hi there", True), logp("Say hi", "bye", False), logp("Count", "one two", False)]
     rows = [pair(response1="hi there", response1_num_tokens=n_hi, response1_behaviour_logp=cur[0] - math.log(2),
-                 response2="bye", response2_num_tokens=1, response2_behaviour_logp=cur[1] + math.log(4)),
+                 response2="bye", response2_num_tokens=1, response2_behaviour_logp=cur[1] + math.log(4),
+                 response2_finish_reason="length"),
             point(prompt_id="p1", prompt="Count", response1="one two", response1_num_tokens=2,
-                  response1_behaviour_logp=cur[2] - 3.0)]
+                  response1_behaviour_logp=cur[2] - 3.0, response1_finish_reason="length")]
     ann = write_annotations(tmp_path / "ann", rows)
     out = tmp_path / "w"
     result = _invoke(ann, "--out", out, "-s", f"importance:policy={tiny_lm_dir},clip=5", "--device", "cpu")
