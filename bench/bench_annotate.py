@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import common  # noqa: E402
+import common
 
 
 def generations(n: int):
@@ -53,8 +53,8 @@ def reward_case(name: str, folder: Path, pairs: int, batch_size: int, repeats: i
     texts = [render(ann.tokenizer, g["prompt"], g["messages"], g["response"])[0] for g in gens]
     pipe = pipeline("text-classification", model=ann.model, tokenizer=ann.tokenizer, device="cpu",
                     function_to_apply="none", batch_size=batch_size)
-    ours_fn = lambda: annotate(gens, "generations", [ann], [1.0], "all")  # noqa: E731
-    peer_fn = lambda: pipe(texts, truncation=True)  # noqa: E731
+    ours_fn = lambda: annotate(gens, "generations", [ann], [1.0], "all")
+    peer_fn = lambda: pipe(texts, truncation=True)
     ours_fn(), peer_fn()  # warm-up
     load = common.load_average()
     runs = common.alternate({"alignpipe": lambda: pairs / timed(ours_fn), "pipeline": lambda: pairs / timed(peer_fn)},
@@ -80,7 +80,7 @@ def judge_case(name: str, folder: Path, pairs: int, batch_size: int, repeats: in
     gens = generations(pairs)
     judge = build(parse_spec(f"pairwise-judge:{folder},template=positivity"),
                   Runtime(device="cpu", batch_size=batch_size))
-    fn = lambda: annotate(gens, "generations", [judge], [1.0], "all")  # noqa: E731
+    fn = lambda: annotate(gens, "generations", [judge], [1.0], "all")
     annotate(gens.select(range(4)), "generations", [judge], [1.0], "all")  # warm-up
     load = common.load_average()
     rates = [pairs / timed(fn) for _ in range(repeats)]

@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench_train  # noqa: E402
-import common  # noqa: E402
+import bench_train
+import common
 
 PROBE_N = 2048
 
@@ -47,14 +47,14 @@ def matmul_probe(n: int = PROBE_N):
 
 
 def parameters(folder: str) -> int:
-    from safetensors import safe_open
-
     import math
+
+    from safetensors import safe_open
 
     total = 0
     for f in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118 (safe_open has no __iter__)
     return total
 
 

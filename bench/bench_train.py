@@ -22,11 +22,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import common  # noqa: E402
+import common
 
 BETA, LR = 0.1, 1e-6
 
@@ -119,7 +120,7 @@ def run_trl(a) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     class Pretokenised(DPOTrainer):
-        first: dict = {}
+        first: ClassVar[dict] = {}
 
         def _prepare_dataset(self, dataset, *args, **kwargs):
             return dataset  # already the ids build-batches wrote

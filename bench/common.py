@@ -77,7 +77,7 @@ def worker(script: str, args: list[str], threads: int, timeout: float = 1800) ->
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     cmd = [sys.executable, str(BENCH / script), "--worker", "--threads", str(threads), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=timeout)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-15:]

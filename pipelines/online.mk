@@ -20,6 +20,9 @@
 #   ANNOTATOR      feedback for training (any `alignpipe annotate --annotator` spec; pairwise or pointwise)
 #   EVAL_ANNOTATOR pointwise annotator giving the held-out mean reward
 #   JUDGE          annotator of the held-out win rate against policy 0
+#   NUM_SAMPLES    answers sampled per prompt (2: the OAIF pair; N > 2 with PAIRING=pointwise PAIRS=best-worst
+#                  and a reward-model ANNOTATOR is iterative DPO with a reward model)
+#   PAIRING        annotate --pairing (all | random | best-worst | pointwise); PAIRS: build-batches --pairs
 #   LOSS, BETA     preference loss (dpo | ipo | slic | cdpo | robust-dpo | simpo | orpo) and its beta
 #   STRATEGY       reweight strategy spec; LR, LORA_R, EPOCHS, BATCH, MAX_NEW_TOKENS, TEMPERATURE
 PY ?= python
@@ -31,6 +34,9 @@ PROMPTS ?= pipelines/data/prompts.jsonl
 PROMPTS_PER_ITER ?= 48
 EVAL_PROMPTS ?= 50
 ANNOTATOR ?= vader
+NUM_SAMPLES ?= 2
+PAIRING ?= all
+PAIRS ?= best-worst
 EVAL_ANNOTATOR ?= $(ANNOTATOR)
 JUDGE ?= $(EVAL_ANNOTATOR)
 LOSS ?= dpo
@@ -68,16 +74,16 @@ define ITERATION
 $(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
 	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/iter-$(1)/generations \
 	  --split train --rows $(shell echo $$(($(1)*$(PROMPTS_PER_ITER)))):$(shell echo $$((($(1)+1)*$(PROMPTS_PER_ITER)))) \
-	  --num-samples 2 --max-new-tokens $(MAX_NEW_TOKENS) --temperature $(TEMPERATURE) --seed $(SEED) \
+	  --num-samples $(NUM_SAMPLES) --max-new-tokens $(MAX_NEW_TOKENS) --temperature $(TEMPERATURE) --seed $(SEED) \
 	  --iteration $(1) $(GEN_OPTS)
 $(RUN)/iter-$(1)/annotations/manifest.json: $(RUN)/iter-$(1)/generations/manifest.json
-	$(ALIGNPIPE) annotate $(RUN)/iter-$(1)/generations --annotator '$(ANNOTATOR)' --pairing all \
+	$(ALIGNPIPE) annotate $(RUN)/iter-$(1)/generations --annotator '$(ANNOTATOR)' --pairing $(PAIRING) \
 	  --out $(RUN)/iter-$(1)/annotations
 $(RUN)/iter-$(1)/weighted/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.json
 	$(ALIGNPIPE) reweight $(RUN)/iter-$(1)/annotations --strategy '$(STRATEGY)' --out $(RUN)/iter-$(1)/weighted
 $(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/weighted/manifest.json
 	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/weighted --task pairwise --tokenizer $(MODEL) \
-	  --reference $(MODEL) --batch-size $(BATCH) --seed $(SEED) --out $(RUN)/iter-$(1)/batches
+	  --reference $(MODEL) --pairs $(PAIRS) --batch-size $(BATCH) --seed $(SEED) --out $(RUN)/iter-$(1)/batches
 $(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(1))
 	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(1)) --loss $(LOSS) --beta $(BETA) \
 	  --reference stored --lr $(LR) --epochs $(EPOCHS) --seed $(SEED) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy

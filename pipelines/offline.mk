@@ -1,0 +1,58 @@
+# Offline recipes: each a chain of alignpipe stages whose targets are the stages' manifests.
+#
+#   make -f pipelines/offline.mk dpo    DATA=prefs.jsonl MODEL=path NAME=offline-dpo   # prompt/chosen/rejected
+#   make -f pipelines/offline.mk sft    DATA=sft.jsonl   MODEL=path NAME=sft           # prompt/completion
+#   make -f pipelines/offline.mk reward DATA=prefs.jsonl MODEL=path NAME=rm            # Bradley-Terry RM
+#   make -f pipelines/offline.mk kto    DATA=labelled.jsonl MODEL=path NAME=kto        # prompt/completion/label
+#
+# Variables: DATA (any `alignpipe import` format), MODEL (HF folder), NAME/RUN, LOSS (pairwise loss for
+# `dpo`: dpo | ipo | cdpo | robust-dpo | slic | simpo | orpo), BETA, LR, EPOCHS, BATCH, MAX_LENGTH,
+# STRATEGY (reweight spec), LORA_R (0 = full fine-tuning), REF (1 = cache reference log-probs).
+# Iterative DPO with a reward model is the online recipe with a reward annotator:
+#   make -f pipelines/online.mk run ANNOTATOR=reward-model:RM_DIR NUM_SAMPLES=4 PAIRING=pointwise PAIRS=best-worst
+PY ?= python
+ALIGNPIPE ?= $(PY) -m alignpipe
+NAME ?= offline
+RUN ?= runs/$(NAME)
+DATA ?= $(error set DATA=FILE to the dataset to import)
+MODEL ?= $(error set MODEL=DIR to a Hugging Face model folder)
+LOSS ?= dpo
+BETA ?= 0.1
+LR ?= 5e-4
+EPOCHS ?= 1
+BATCH ?= 8
+MAX_LENGTH ?= 512
+STRATEGY ?= constant
+LORA_R ?= 16
+SEED ?= 0
+LORA := $(if $(filter 0,$(LORA_R)),,--lora-r $(LORA_R))
+BB = $(ALIGNPIPE) build-batches $(RUN)/weighted --tokenizer $(MODEL) --batch-size $(BATCH) \
+     --max-length $(MAX_LENGTH) --seed $(SEED) --out $(RUN)/batches
+TRAIN = $(ALIGNPIPE) train $(RUN)/batches --policy $(MODEL) --lr $(LR) --epochs $(EPOCHS) --seed $(SEED) \
+        --out $(RUN)/policy
+
+.PHONY: dpo sft reward kto
+.DELETE_ON_ERROR:
+
+$(RUN)/data/manifest.json: $(DATA)
+	$(ALIGNPIPE) import $(DATA) --out $(RUN)/data
+
+$(RUN)/weighted/manifest.json: $(RUN)/data/manifest.json
+	$(ALIGNPIPE) reweight $(RUN)/data --strategy '$(STRATEGY)' --out $(RUN)/weighted
+
+dpo: $(RUN)/weighted/manifest.json
+	$(BB) --task pairwise --reference $(MODEL)
+	$(TRAIN) --loss $(LOSS) --beta $(BETA) $(LORA)
+
+kto: $(RUN)/weighted/manifest.json
+	$(BB) --task pointwise --reference $(MODEL)
+	$(TRAIN) --loss kto --beta $(BETA) $(LORA)
+
+reward: $(RUN)/weighted/manifest.json
+	$(BB) --task reward
+	$(TRAIN) --loss reward --init-reward-head
+
+sft: $(RUN)/data/manifest.json
+	$(ALIGNPIPE) build-batches $(RUN)/data --task sft --tokenizer $(MODEL) --batch-size $(BATCH) \
+	  --max-length $(MAX_LENGTH) --seed $(SEED) --out $(RUN)/batches
+	$(TRAIN) --loss sft $(LORA)

@@ -1,0 +1,53 @@
+"""The online recipe end to end on the tiny model: a full run, a SIGKILL anywhere then `make` again
+finishes without redoing finished stages, and a rerun of a finished run does nothing."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _make(run: Path, model: Path, *extra: str) -> list[str]:
+    return ["make", "-s", "-f", "pipelines/online.mk", "run", f"PY={sys.executable}", f"RUN={run}",
+            f"MODEL={model}", "ITERS=2", "ANNOTATOR=length", "PROMPTS_PER_ITER=8", "EVAL_PROMPTS=4",
+            "MAX_NEW_TOKENS=8", "LORA_R=4", "EPOCHS=1", "BATCH=4", *extra]
+
+
+def _manifests(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): json.loads(p.read_text())["finished_at"] + json.loads(p.read_text())["fingerprint"]
+            for p in run.rglob("manifest.json") if "part-" not in str(p)}
+
+
+def test_online_recipe_killed_then_resumed_redoes_nothing_finished(tmp_path, tiny_lm_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_make(run, tiny_lm_dir), cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run / "iter-0" / "weighted" / "manifest.json"
+    deadline = time.time() + 600
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole make tree, mid-pipeline
+    proc.wait()
+    before = _manifests(run)
+    assert "iter-0/weighted/manifest.json" in before and "report/summary.md" not in before
+
+    done = subprocess.run(_make(run, tiny_lm_dir), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = _manifests(run)
+    assert all(after[k] == v for k, v in before.items()), "a finished stage was redone"
+    for k in range(3):
+        assert (run / f"eval/iter-{k}/scores/manifest.json").exists()
+    assert (run / "iter-1/policy/adapter_config.json").exists()
+    summary = json.loads((run / "report/summary.json").read_text())
+    assert [r["policy"] for r in summary] == [0, 1, 2] and summary[1]["train_loss"] is not None
+    assert (run / "report/report.png").stat().st_size > 10_000
+
+    again = subprocess.run(_make(run, tiny_lm_dir), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and _manifests(run) == after  # a finished run: nothing redone
