@@ -2,6 +2,7 @@
 `alignpipe --help` stays instant."""
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -22,7 +23,7 @@ app = typer.Typer(
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False):
     """Online alignment as a loop of restartable stages exchanging fixed-schema datasets on disk."""
-    DEBUG["on"] = DEBUG["on"] or debug
+    DEBUG["on"] = debug or bool(os.environ.get("ALIGNPIPE_DEBUG"))
 
 
 @app.command("schema")

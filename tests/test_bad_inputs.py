@@ -286,6 +286,13 @@ def bad_template(c: Ctx) -> Path:
     return path
 
 
+def weight_function(c: Ctx, value: str) -> str:
+    module = c.tmp / "catalogue_weights.py"
+    module.write_text(f"def weights(rows):\n    return [{value}] * len(rows['response1'])\n")
+    sys.modules.pop("catalogue_weights", None)
+    return "function:catalogue_weights:weights"
+
+
 def report(c: Ctx) -> dict:
     return manifest(c.out)["report"]
 
@@ -430,8 +437,7 @@ CASES = [
          "error: policy MODEL: cannot load (SafetensorError: Error while deserializing header: …)"),
     Case("chat-template-error", "a chat template that fails to render (raise_exception)", "generate",
          lambda c: generate(c, c.name("IN", c.data["prompts"]), failing_template(c)),
-         "error: IN row 0 (prompt_id p0): the chat template fails on this conversation (TemplateError: this "
-         "model takes no system prompt)"),
+         "error: IN row 0 (prompt_id p0): the chat template … (TemplateError: this model takes no system prompt)"),
     Case("pickle-only-weights", "a model folder with only pytorch_model.bin (pickle)", "generate",
          lambda c: generate(c, c.data["prompts"], pickle_only(c)),
          "error: policy MODEL: only pickle weights (*.bin); convert to safetensors or pass --allow-pickle if you "
@@ -484,6 +490,19 @@ CASES = [
          check=_http_abstained("invalid response body b'not json{'")),
     Case("http-401", "HTTP 401 (bad key)", "annotate", lambda c: http(c, "401"),
          "error: http://127.0.0.1:…/v1/chat/completions: HTTP 401 Unauthorized (check the URL, model 'judge-1')"),
+    Case("importance-without-logps", "the importance strategy on imported pairs (no behaviour log-probs)",
+         "reweight",
+         lambda c: ["reweight", c.dataset("annotations", [pair(0, response1_behaviour_logp=None)]), "-s",
+                    f"importance:policy={c.lm}", "--device", "cpu", "--out", c.out],
+         "error: IN: row 0: column 'response1_behaviour_logp' is null; strategy importance needs it (imported "
+         "data has none; importance needs samples from `alignpipe generate`)"),
+    Case("negative-user-weight", "a user weight function returning a negative weight", "reweight",
+         lambda c: ["reweight", c.name("IN", c.data["annotations"]), "-s", weight_function(c, "-1.0"),
+                    "--out", c.out],
+         "error: IN: row 0: strategy function gave response1 weight -1.0 (weights must be finite and >= 0)"),
+    Case("unknown-strategy", "a reweighting strategy that is not in the table", "reweight",
+         lambda c: ["reweight", c.data["annotations"], "-s", "magic", "--out", c.out],
+         "error: --strategy 'magic': unknown strategy 'magic' (known: …)"),
     Case("user-function-nan", "a user reward function returning NaN", "annotate",
          lambda c: ["annotate", c.name("IN", c.data["generations"]), "-a", user_function(c, "float('nan')"),
                     "--out", c.out],
