@@ -48,13 +48,7 @@ def _register() -> None:
     app.command("import")(import_data.command)
     app.command("inspect")(inspect_data.command)
     for name, module in _STAGES:
-        try:
-            mod = __import__(f"stages.{module}", fromlist=["command"])
-        except ModuleNotFoundError as e:
-            if e.name != f"stages.{module}":
-                raise
-            continue
-        app.command(name)(mod.command)
+        app.command(name)(__import__(f"stages.{module}", fromlist=["command"]).command)
 
 
 _STAGES = [("generate", "generate"), ("annotate", "annotate"), ("reweight", "reweight"),

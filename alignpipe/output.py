@@ -182,7 +182,8 @@ class StageOutput:
         return (self._shard_dir(index) / "done").exists()
 
     def done_shards(self) -> list[int]:
-        return sorted(int(p.name.split("-")[1]) for p in self.partial.glob("shard-*") if (p / "done").exists())
+        shards = self.partial.glob("shard-[0-9][0-9][0-9][0-9][0-9]")  # not the .tmp folders being written
+        return sorted(int(p.name.split("-")[1]) for p in shards if (p / "done").exists())
 
     def write_shard(self, index: int, ds) -> None:
         """Save one finished shard atomically (a killed run resumes after the last whole shard)."""

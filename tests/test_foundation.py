@@ -227,12 +227,12 @@ def test_sigkill_mid_run_leaves_no_output_and_rerun_resumes(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out"), "0.4"], env=env)
     partial = tmp_path / ".out.partial"
     deadline = time.time() + 60
-    while len(list(partial.glob("shard-*/done"))) < 2 and time.time() < deadline:
+    while len(list(partial.glob("shard-[0-9][0-9][0-9][0-9][0-9]/done"))) < 2 and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "out").exists()
-    done = len(list(partial.glob("shard-*/done")))
+    done = len(list(partial.glob("shard-[0-9][0-9][0-9][0-9][0-9]/done")))
     assert 2 <= done < 8
     subprocess.run([sys.executable, str(script), str(tmp_path / "out"), "0"], env=env, check=True)
     resumed = read_input(tmp_path / "out", "prompts", "t")[0]
