@@ -13,6 +13,7 @@ the shared-prompt layout (`alignpipe.logprobs.collate_shared`): the prompt once,
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,9 +107,17 @@ def check_rows(ds, task: str, where: str, vocab_size: int, stored_reference: boo
                             f"{vocab_size}; the batches were built with another tokenizer")
 
 
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dataset -> {columns: arrow table}
+
+
 def read_group(ds, rows: list[int], task: str, stored_reference: bool) -> dict[str, list]:
-    """The columns train needs, for the given rows, as a dict of lists."""
-    return ds.select_columns(_columns(task, stored_reference))[rows]
+    """The columns train needs, for the given rows, as a dict of lists. The columns are selected once per
+    dataset as an arrow table (memory-mapped), so a step only takes its rows (no per-step dataset copy)."""
+    cols = tuple(_columns(task, stored_reference))
+    views = _VIEWS.setdefault(ds, {})
+    if cols not in views:
+        views[cols] = _arrow(ds.select_columns(list(cols)))
+    return views[cols].take(rows).to_pydict()
 
 
 def rank_slice(group: dict[str, list], rank: int, world: int) -> dict[str, list]:

@@ -169,8 +169,8 @@ def cases(quick: bool) -> dict:
     table = {"tiny": {"policy": str(tiny["policy"]), "reward": str(tiny["reward"]), "num_prompts": 32 if quick else 64,
                       "batch_size": 8, "max_new_tokens": 32}}
     if not quick:
-        table["smollm2"] = {"policy": str(common.smollm2()), "reward": str(tiny["reward"]), "num_prompts": 16,
-                            "batch_size": 4, "max_new_tokens": 32}
+        table["smollm2"] = {"policy": str(common.smollm2()), "reward": str(tiny["reward"]), "num_prompts": 24,
+                            "batch_size": 8, "max_new_tokens": 32}
     for c in table.values():
         c["prompts"] = str(prompts_file(c["num_prompts"]))
     return table
