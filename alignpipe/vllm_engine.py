@@ -72,10 +72,12 @@ class VllmSampler:
                           max_tokens=p.max_new_tokens, stop=list(p.stop) or None, stop_token_ids=self.eos,
                           logprobs=0, seed=seed, skip_special_tokens=True, include_stop_str_in_output=False)
 
-    def sample(self, prompts: list[list[int]], seed: int) -> list[Sample]:
+    def sample(self, prompts: list[list[int]], seed: int | list[int], batch_size: int | None = None) -> list[Sample]:
+        """As `Sampler.sample`; vLLM schedules the batch itself, so `batch_size` is not used."""
         from vllm.inputs import TokensPrompt
 
-        params = [self._params(derive_seed(seed, i)) for i in range(len(prompts))]
+        seeds = [derive_seed(seed, i) for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        params = [self._params(s) for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                  lora_request=self.lora, use_tqdm=False)
         result = []

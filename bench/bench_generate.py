@@ -97,10 +97,13 @@ def bench_case(name: str, folder: Path, *, prompts: int, batch_size: int, num_sa
 
     stage_tps = statistics.median(t / w for t, w, _ in runs["stage"])
     pipe_tps = statistics.median(t / w for t, w, _ in runs["pipeline"])
+    paired = [(a[0] / a[1]) / (b[0] / b[1]) for a, b in zip(runs["stage"], runs["pipeline"])]  # same round
     return {"case": name, "prompts": prompts, "batch_size": batch_size, "num_samples": num_samples,
             "max_new_tokens": max_new_tokens, "threads": threads, "repeats": repeats,
             "stage_tok_s": round(stage_tps, 1), "pipeline_tok_s": round(pipe_tps, 1),
             "ratio": round(stage_tps / pipe_tps, 2),
+            "ratio_paired": {"median": round(statistics.median(paired), 2), "min": round(min(paired), 2),
+                             "max": round(max(paired), 2)},
             "stage_tokens": med("stage", 0), "pipeline_tokens": med("pipeline", 0),
             "stage_s": round(med("stage", 1), 2), "pipeline_s": round(med("pipeline", 1), 2),
             "time_ratio": round(med("pipeline", 1) / med("stage", 1), 2),
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
             from alignpipe.smollm import smollm2_folder
 
             folder = smollm2_folder()
-            sizes = {"prompts": 8 if args.quick else 16, "max_new_tokens": 64 if args.quick else 128}
+            # 32 prompts: one checkpoint shard of `generate` at its CPU defaults (4 batches of 8 prompts)
+            sizes = {"prompts": 16 if args.quick else 32, "max_new_tokens": 64 if args.quick else 128}
         result = bench_case(case, folder, batch_size=args.batch_size, num_samples=2, repeats=args.repeats,
                             threads=args.threads, **sizes)
         print(json.dumps(result), flush=True)

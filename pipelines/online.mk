@@ -16,7 +16,7 @@
 #   ITERS          online iterations (policies 1..ITERS are trained)
 #   PROMPTS        prompt file for `alignpipe import` (train/test splits)
 #   PROMPTS_PER_ITER  fresh train prompts per iteration (iteration K takes rows K*P..(K+1)*P)
-#   EVAL_PROMPTS   held-out prompts scored per policy
+#   EVAL_PROMPTS   held-out prompts scored per policy; EVAL_SAMPLES answers sampled per held-out prompt
 #   ANNOTATOR      feedback for training (any `alignpipe annotate --annotator` spec; pairwise or pointwise)
 #   EVAL_ANNOTATOR pointwise annotator giving the held-out mean reward
 #   JUDGE          annotator of the held-out win rate against policy 0
@@ -24,15 +24,18 @@
 #                  and a reward-model ANNOTATOR is iterative DPO with a reward model)
 #   PAIRING        annotate --pairing (all | random | best-worst | pointwise); PAIRS: build-batches --pairs
 #   LOSS, BETA     preference loss (dpo | ipo | slic | cdpo | robust-dpo | simpo | orpo) and its beta
-#   STRATEGY       reweight strategy spec; LR, LORA_R, EPOCHS, BATCH, MAX_NEW_TOKENS, TEMPERATURE
+#   STRATEGY       reweight strategy spec, REWEIGHT_OPTS its other options (default: abs-margin weights,
+#                  normalised to mean 1: a pair counts by how clearly the annotator separated it)
+#   LR, LORA_R, EPOCHS, BATCH, MAX_NEW_TOKENS, TEMPERATURE: training and sampling settings
 PY ?= python
 ALIGNPIPE ?= $(PY) -m alignpipe
 NAME ?= online
 RUN ?= runs/$(NAME)
 ITERS ?= 2
 PROMPTS ?= pipelines/data/prompts.jsonl
-PROMPTS_PER_ITER ?= 48
+PROMPTS_PER_ITER ?= 64
 EVAL_PROMPTS ?= 50
+EVAL_SAMPLES ?= 2
 ANNOTATOR ?= vader
 NUM_SAMPLES ?= 2
 PAIRING ?= all
@@ -41,10 +44,11 @@ EVAL_ANNOTATOR ?= $(ANNOTATOR)
 JUDGE ?= $(EVAL_ANNOTATOR)
 LOSS ?= dpo
 BETA ?= 0.1
-STRATEGY ?= constant
+STRATEGY ?= abs-margin
+REWEIGHT_OPTS ?= --normalize mean
 LR ?= 1e-3
 LORA_R ?= 16
-EPOCHS ?= 1
+EPOCHS ?= 2
 BATCH ?= 4
 MAX_NEW_TOKENS ?= 48
 TEMPERATURE ?= 1.0
@@ -80,7 +84,7 @@ $(RUN)/iter-$(1)/annotations/manifest.json: $(RUN)/iter-$(1)/generations/manifes
 	$(ALIGNPIPE) annotate $(RUN)/iter-$(1)/generations --annotator '$(ANNOTATOR)' --pairing $(PAIRING) \
 	  --out $(RUN)/iter-$(1)/annotations
 $(RUN)/iter-$(1)/weighted/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.json
-	$(ALIGNPIPE) reweight $(RUN)/iter-$(1)/annotations --strategy '$(STRATEGY)' --out $(RUN)/iter-$(1)/weighted
+	$(ALIGNPIPE) reweight $(RUN)/iter-$(1)/annotations --strategy '$(STRATEGY)' $(REWEIGHT_OPTS) --out $(RUN)/iter-$(1)/weighted
 $(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/weighted/manifest.json
 	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/weighted --task pairwise --tokenizer $(MODEL) \
 	  --reference $(MODEL) --pairs $(PAIRS) --batch-size $(BATCH) --seed $(SEED) --out $(RUN)/iter-$(1)/batches
@@ -92,7 +96,7 @@ endef
 define EVALUATION
 $(RUN)/eval/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
 	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/iter-$(1)/generations \
-	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples 1 --max-new-tokens $(MAX_NEW_TOKENS) \
+	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples $(EVAL_SAMPLES) --max-new-tokens $(MAX_NEW_TOKENS) \
 	  --temperature $(TEMPERATURE) --seed 1234 --iteration $(1) $(GEN_OPTS)
 $(RUN)/eval/iter-$(1)/scores/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json
 	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/generations --annotator '$(EVAL_ANNOTATOR)' --pairing pointwise \

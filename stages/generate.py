@@ -1,10 +1,11 @@
 """generate: sample N responses per prompt from the current policy -> a `generations` dataset.
 
 Determinism that survives resume and process sharding: every prompt is rendered and tokenised, prompts
-are sorted by token length (stable), cut into batches of `--batch-size` prompts, and batch b is sampled
-with a seed derived from (--seed, b) alone. Checkpoint shards are groups of whole batches and process
-shards are contiguous ranges of whole batches, so a resumed run, or N processes read back together, equal
-one uninterrupted run row for row. The output is in this batch order (prompt, then sample index).
+are sorted by token length (stable), and the prompt at position i of that order samples with a seed derived
+from (--seed, i) alone. Checkpoint shards are runs of `--shard-batches x --batch-size` prompts, decoded with
+continuous batching (`--batch-size` prompts in flight, freed slots refilled) inside the shard; process
+shards are contiguous ranges of whole checkpoint shards, so a resumed run, or N processes read back
+together, equal one uninterrupted run row for row. The output is in this order (prompt, then sample index).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from alignpipe.cli_common import (
 from alignpipe.errors import UserError
 
 ENGINES = ("transformers", "vllm")
-AUTO_BATCH = {"cpu": 8, "cuda": 32, "vllm": 256}  # prompts per batch for --batch-size auto
+AUTO_BATCH = {"cpu": 32, "cuda": 64, "vllm": 256}  # prompts in flight for --batch-size auto (measured: bench)
 
 
 # -- pure core -------------------------------------------------------------------------------------------
@@ -69,37 +70,34 @@ def prepare_prompts(ds, tokenizer, *, max_prompt_length: int, long_prompts: str 
     return out, {("skipped" if long_prompts == "skip" else "truncated"): long_count}
 
 
-def batch_range(num_prompts: int, batch_size: int, num_shards: int, shard_index: int) -> tuple[int, int]:
-    """[first, last) batch indices of process `shard_index`: contiguous, balanced, whole batches."""
-    num_batches = -(-num_prompts // batch_size)
-    return num_batches * shard_index // num_shards, num_batches * (shard_index + 1) // num_shards
+def shard_range(num_prompts: int, shard_size: int, num_shards: int, shard_index: int) -> tuple[int, int]:
+    """[first, last) checkpoint-shard indices of process `shard_index`: contiguous, balanced, whole shards."""
+    count = -(-num_prompts // shard_size)
+    return count * shard_index // num_shards, count * (shard_index + 1) // num_shards
 
 
-def sample_batches(part, sampler, *, batch_size: int, seed: int, first_batch: int, meta: dict):
-    """Sample every batch of `part` (prepared rows, in batch order) -> generations rows, as a Dataset.
+def sample_part(part, sampler, *, batch_size: int, seed: int, first_row: int, meta: dict):
+    """Sample every prompt of `part` (prepared rows, in length order) -> generations rows, as a Dataset.
 
-    `first_batch` is the global index of the part's first batch; `meta` holds policy, policy_fingerprint
-    and iteration.
+    `first_row` is the global position of the part's first prompt (prompt i's seed derives from it);
+    `meta` holds policy, policy_fingerprint and iteration.
     """
     from datasets import Dataset
 
     import schemas
     from alignpipe.sampling import derive_seed
 
-    rows = []
-    for j, start in enumerate(range(0, len(part), batch_size)):
-        batch = part[start: start + batch_size]
-        samples = sampler.sample(batch["_ids"], seed=derive_seed(seed, first_batch + j))
-        n = len(samples) // len(batch["_ids"])
-        for k, s in enumerate(samples):
-            i = k // n
-            rows.append({"prompt_id": batch["prompt_id"][i], "prompt": batch["prompt"][i],
-                         "messages": batch["messages"][i], "reference": batch["reference"][i],
-                         "sample_index": k % n, "response": s.text, "num_tokens": len(s.token_ids),
-                         "finish_reason": s.finish_reason, "behaviour_logp": s.logp, **meta})
     features = schemas.features("generations")
-    return Dataset.from_list(rows, features=features) if rows else Dataset.from_dict(
-        {c: [] for c in features}, features=features)  # a process shard without batches
+    if not len(part):  # a process shard without prompts
+        return Dataset.from_dict({c: [] for c in features}, features=features)
+    seeds = [derive_seed(seed, first_row + i) for i in range(len(part))]
+    samples = sampler.sample(part["_ids"], seeds, batch_size=batch_size)
+    n = len(samples) // len(part)
+    cols = {c: part[c] for c in ("prompt_id", "prompt", "messages", "reference")}
+    rows = [{**{c: v[k // n] for c, v in cols.items()}, "sample_index": k % n, "response": s.text,
+             "num_tokens": len(s.token_ids), "finish_reason": s.finish_reason, "behaviour_logp": s.logp, **meta}
+            for k, s in enumerate(samples)]
+    return Dataset.from_list(rows, features=features)
 
 
 def generate(ds, sampler, tokenizer, *, batch_size: int = 8, seed: int = 0, max_prompt_length: int = 10**9,
@@ -107,7 +105,7 @@ def generate(ds, sampler, tokenizer, *, batch_size: int = 8, seed: int = 0, max_
     """The whole stage in memory: prompts dataset -> generations dataset (batch order)."""
     prepared, _ = prepare_prompts(ds, tokenizer, max_prompt_length=max_prompt_length, long_prompts=long_prompts)
     meta = meta or {"policy": "", "policy_fingerprint": "", "iteration": 0}
-    return sample_batches(prepared, sampler, batch_size=batch_size, seed=seed, first_batch=0, meta=meta)
+    return sample_part(prepared, sampler, batch_size=batch_size, seed=seed, first_row=0, meta=meta)
 
 
 def summary(ds) -> dict:
@@ -207,10 +205,11 @@ def command(
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
     stop: Annotated[list[str] | None, typer.Option(
         help="Stop string (repeatable); the response is cut before it.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed; batch b samples with a seed derived from (seed, b).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed; prompt i (in length order) samples with a seed from (seed, i).")] = 0,
     batch_size: Annotated[str, typer.Option(
-        help="Prompts per batch, or 'auto': 8 on CPU, 32 on CUDA, 256 with --engine vllm.")] = "auto",
-    shard_batches: Annotated[int, typer.Option(min=1, help="Batches per checkpointed shard.")] = 4,
+        help="Prompts decoding together, or 'auto': 32 on CPU, 64 on CUDA, 256 with --engine vllm.")] = "auto",
+    shard_batches: Annotated[int, typer.Option(
+        min=1, help="Checkpointed shard size, in batches (--shard-batches x --batch-size prompts).")] = 4,
     max_prompt_length: Annotated[int | None, typer.Option(
         min=1, help="Longest prompt in tokens (default: the policy's context minus --max-new-tokens).")] = None,
     long_prompts: Annotated[str, typer.Option(
@@ -227,8 +226,8 @@ def command(
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option(help="Run the model folder's own Python code.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickle (*.bin) weights from a trusted source.")] = False,
-    num_shards: Annotated[int | None, typer.Option(help="Processes splitting the batches (or WORLD_SIZE).")] = None,
-    shard_index: Annotated[int | None, typer.Option(help="This process's range of batches (or RANK).")] = None,
+    num_shards: Annotated[int | None, typer.Option(help="Processes splitting the shards (or WORLD_SIZE).")] = None,
+    shard_index: Annotated[int | None, typer.Option(help="This process's range of shards (or RANK).")] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ):
@@ -274,16 +273,16 @@ def command(
     if len(prepared) == 0:
         raise UserError(f"{prompts}: every prompt is longer than --max-prompt-length {limit} tokens and "
                         f"--long-prompts skip dropped them all; nothing to generate")
-    first, last = batch_range(len(prepared), bs, num_shards, shard_index)
-    mine = prepared.select(range(first * bs, min(len(prepared), last * bs)))
+    size = shard_batches * bs
+    first, last = shard_range(len(prepared), size, num_shards, shard_index)
+    mine = prepared.select(range(first * size, min(len(prepared), last * size)))
     params = SamplingParams(num_samples, max_new_tokens, temperature, top_p, top_k, tuple(stop or ()))
     meta = {"policy": str(policy), "policy_fingerprint": model_fingerprint(policy), "iteration": iteration}
     timing = {"seconds": 0.0, "tokens": 0}
 
     def fn(part, index):
         t0 = time.perf_counter()
-        res = sample_batches(part, sampler, batch_size=bs, seed=seed, first_batch=first + index * shard_batches,
-                             meta=meta)
+        res = sample_part(part, sampler, batch_size=bs, seed=seed, first_row=(first + index) * size, meta=meta)
         timing["seconds"] += time.perf_counter() - t0
         timing["tokens"] += int(sum(res["num_tokens"])) if len(res) else 0
         return res
@@ -292,10 +291,10 @@ def command(
         sampler = build_sampler(engine, policy, tok, params, dtype=dtype, device=dev,
                                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                 tensor_parallel_size=tensor_parallel_size)
-        result = map_shards(so, mine, fn, shard_batches * bs, desc="generate")
+        result = map_shards(so, mine, fn, size, desc="generate")
         rate = timing["tokens"] / timing["seconds"] if timing["seconds"] else 0.0
         so.report = {**summary(result), "prompts": len(mine), "long_prompts": long_report,
-                     "max_prompt_length": limit, "batch_size": bs, "batches": [first, last],
+                     "max_prompt_length": limit, "batch_size": bs, "shards": [first, last],
                      "process_shard": [shard_index, num_shards], "engine": engine, "device": dev,
                      "tokens_per_s": round(rate, 1), **so.report}
         so.finish(result)

@@ -20,7 +20,7 @@ from alignpipe.logprobs import score_responses
 from alignpipe.manifest import read_manifest
 from alignpipe.models import load_causal_lm, load_tokenizer, model_fingerprint
 from alignpipe.sampling import Sampler, SamplingParams, cut_at_stop, eos_token_ids
-from stages.generate import batch_range, prepare_prompts
+from stages.generate import prepare_prompts, shard_range
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -84,7 +84,7 @@ def test_rows_schema_manifest_and_up_to_date(tmp_path, prompts, tiny_lm_dir):
     m = read_manifest(out)
     assert m["schema"]["kind"] == "generations" and m["num_rows"] == 15 and m["seed"] == 1
     rep = m["report"]
-    assert rep["rows"] == 15 and rep["prompts"] == 5 and rep["batch_size"] == 2 and rep["batches"] == [0, 3]
+    assert rep["rows"] == 15 and rep["prompts"] == 5 and rep["batch_size"] == 2 and rep["shards"] == [0, 1]
     assert sum(rep["finish_reasons"].values()) == 15 and rep["long_prompts"] == {"truncated": 0}
     assert [i["path"] for i in m["inputs"]] == [str(prompts), str(tiny_lm_dir)]
     rows = rows_of(out)
@@ -134,7 +134,7 @@ def test_finish_reasons_length_and_stop(tmp_path, prompts, tiny_lm_dir):
 def test_split_and_batch_options(tmp_path, prompts, tiny_lm_dir):
     generate_ok(prompts, "--policy", tiny_lm_dir, "--out", tmp_path / "t", "--max-new-tokens", 2, "--split", "test")
     assert {r["prompt_id"] for r in rows_of(tmp_path / "t")} == {"p2"}
-    assert read_manifest(tmp_path / "t")["report"]["batch_size"] == 8  # auto on CPU
+    assert read_manifest(tmp_path / "t")["report"]["batch_size"] == 32  # auto on CPU
 
 
 # -- the sampler core: log-probs, eos, stop --------------------------------------------------------------
@@ -174,6 +174,24 @@ def test_behaviour_logps_equal_a_separate_forward(tiny, params, eos):
         assert all(samples[i].token_ids == samples[i + 1].token_ids for i in range(0, len(samples), 2))
 
 
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_continuous_batching_matches_one_batch(tiny, batch_size):
+    """Refilling freed slots (prompts joining a running KV cache) changes neither the samples nor their
+    log-probs: each prompt's draws come from its own seed, and the log-probs equal a separate forward."""
+    model, tok, ids = tiny
+    eos = list(range(0, 1024, 5))  # rows end at scattered steps, so slots free up and prompts join mid-batch
+    params = SamplingParams(num_samples=2, max_new_tokens=24)
+    prompts = ids + ids[::-1] + ids[:2]  # 10 prompts of different lengths
+    sampler = Sampler(model, tok, params, eos_ids=eos)
+    whole = sampler.sample(prompts, seed=7)
+    parts = sampler.sample(prompts, seed=7, batch_size=batch_size)
+    assert [s.token_ids for s in parts] == [s.token_ids for s in whole]
+    assert len({len(s.token_ids) for s in whole}) > 5 and sampler.joinable
+    ref = score_responses(model, [p for p in prompts for _ in range(2)], [s.token_ids for s in parts], tok.pad_token_id)
+    assert max(abs(s.logp - r) for s, r in zip(parts, ref)) < 1e-4
+    assert max(abs(a.logp - b.logp) for a, b in zip(parts, whole)) < 1e-4
+
+
 def test_eos_ids_include_the_chat_end_token(tiny):
     model, tok, _ = tiny
     assert eos_token_ids(tok, model.generation_config) == [0, 2]  # <|endoftext|>, <|im_end|>
@@ -189,7 +207,7 @@ def test_prepare_prompts_sorts_stably_and_truncates_from_the_left(tmp_path, tiny
     full = tok(tok.apply_chat_template([{"role": "user", "content": "aa bb cc dd ee ff"}], tokenize=False,
                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"]
     assert list(prepared["_ids"][-1]) == full[-18:] and len(full) == 20
-    assert batch_range(10, 3, 2, 0) == (0, 2) and batch_range(10, 3, 2, 1) == (2, 4)
+    assert shard_range(10, 3, 2, 0) == (0, 2) and shard_range(10, 3, 2, 1) == (2, 4)
 
 
 # -- restartable and sharded -----------------------------------------------------------------------------
@@ -230,7 +248,7 @@ def test_two_process_shards_equal_one(tmp_path, many_prompts, tiny_lm_dir, refer
         read_input(out, "generations", stage="test")
     generate_ok(many_prompts, "--policy", tiny_lm_dir, "--out", out, *SHARDED, env={"RANK": "1", "WORLD_SIZE": "2"})
     part = read_manifest(out / "part-00001-of-00002")
-    assert part["report"]["process_shard"] == [1, 2] and part["report"]["batches"] == [4, 8]
+    assert part["report"]["process_shard"] == [1, 2] and part["report"]["shards"] == [4, 8]
     assert rows_of(out) == rows_of(reference)
     # more processes than batches: the extra ones write empty, complete parts
     wide = tmp_path / "wide"
