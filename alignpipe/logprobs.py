@@ -175,3 +175,38 @@ def score_responses(model, prompts, responses, pad_id: int, batch_size: int = 16
             for i, v in zip(idx, logps.tolist()):
                 result[i] = float(v)
     return result
+
+
+def response_logps(ds, model, tokenizer, *, batch_size: int = 16, device="cpu", which=(1, 2)) -> tuple[list, list]:
+    """Summed log-probs of each row's responses (of an annotations table) under `model`: two lists, for
+    response 1 and response 2 (None for response 2 of pointwise rows, and for responses not in `which`).
+
+    The prompt is rendered as generate renders it (`alignpipe.prompting`). The response's tokens are
+    response{k}_token_ids, exactly as generate sampled them; when null (imported data, schema < 1.2) the
+    text is re-encoded, plus EOS when response{k}_finish_reason is 'eos' (without finish reasons: when
+    response{k}_num_tokens is one more than the re-encoded length), exact only when the text round-trips
+    through the tokenizer."""
+    from alignpipe.prompting import encode, render_prompt
+
+    prompts, responses, slots = [], [], []
+    eos = tokenizer.eos_token_id
+    for i, row in enumerate(ds):
+        prompt = encode(tokenizer, render_prompt(tokenizer, row["prompt"], row["messages"],
+                                                 where=f"prompt {row['prompt_id']!r}"))
+        for k in which:
+            if row[f"response{k}"] is None:
+                continue
+            ids = row.get(f"response{k}_token_ids")
+            if ids is None:
+                ids = encode(tokenizer, row[f"response{k}"])
+                reason = row.get(f"response{k}_finish_reason")
+                if eos is not None and (reason == "eos" if reason else row[f"response{k}_num_tokens"] == len(ids) + 1):
+                    ids = ids + [eos]
+            prompts.append(prompt)
+            responses.append(list(ids))
+            slots.append((i, k))
+    scores = score_responses(model, prompts, responses, tokenizer.pad_token_id, batch_size, device)
+    out: dict[int, list] = {1: [None] * len(ds), 2: [None] * len(ds)}
+    for (i, k), s in zip(slots, scores):
+        out[k][i] = s
+    return out[1], out[2]

@@ -103,7 +103,7 @@ $(RUN)/eval/iter-$(1)/scores/manifest.json: $(RUN)/eval/iter-$(1)/generations/ma
 	  --out $(RUN)/eval/iter-$(1)/scores
 $(RUN)/eval/iter-$(1)/versus-0/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json $(RUN)/eval/iter-0/generations/manifest.json
 	$(ALIGNPIPE) evaluate $(RUN)/eval/iter-$(1)/generations $(RUN)/eval/iter-0/generations \
-	  --annotator '$(JUDGE)' --out $(RUN)/eval/iter-$(1)/versus-0
+	  --annotator '$(JUDGE)' --reference $(MODEL) --out $(RUN)/eval/iter-$(1)/versus-0
 endef
 
 $(foreach k,$(ITER_LIST),$(eval $(call ITERATION,$(k))))

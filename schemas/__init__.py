@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = "1.1"  # 1.1: response{1,2}_finish_reason in annotations/weighted
+SCHEMA_VERSION = "1.2"  # 1.1: response{1,2}_finish_reason; 1.2: the sampled token ids (generations on)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ def _response(i: int, nullable: bool) -> list[Column]:
         _c(f"{r}_sample_index", "int32", f"Index of response {i} among the samples of its prompt (from generate).", nullable),
         _c(f"{r}_num_tokens", "int32", f"Number of tokens of response {i} as generated (0 when imported).", nullable),
         _c(f"{r}_behaviour_logp", "float64", f"Sum of log-probs of response {i} under the policy that sampled it.", True),
+        _c(f"{r}_token_ids", "ids", f"Token ids of response {i} exactly as sampled (EOS included when produced); "
+           "null when imported. Log-prob passes use them instead of re-encoding the text.", True),
         _c(f"{r}_finish_reason", "string", f"Why sampling of response {i} stopped: eos | length | stop; null when "
            "imported. A 'length' response did not end, so no end token is trained on.", True),
         _c(f"{r}_reward", "float64", f"Combined reward of response {i} (see annotator); null when unscored.", True),
@@ -106,6 +108,8 @@ KINDS: dict[str, tuple[str, list[Column]]] = {
         _c("num_tokens", "int32", "Number of new tokens generated (including EOS when produced)."),
         _c("finish_reason", "string", "Why sampling stopped: eos | length | stop."),
         _c("behaviour_logp", "float64", "Sum of the sampling policy's log-probs of the generated tokens."),
+        _c("response_token_ids", "ids", "The generated token ids as sampled (EOS included when produced, not cut at a "
+           "stop string); null when imported.", True),
         _c("policy", "string", "Path of the policy that sampled (model folder or adapter)."),
         _c("policy_fingerprint", "string", "Content hash of the policy's weight files."),
         _c("iteration", "int32", "Online iteration number (from --iteration)."),

@@ -60,13 +60,15 @@ def _gen(row: dict, kind: str, i: int = 1) -> dict | None:
     if kind == "generations":
         return {**base, "policy": row["policy_fingerprint"], "sample_index": row["sample_index"],
                 "response": row["response"], "num_tokens": row["num_tokens"],
-                "behaviour_logp": row["behaviour_logp"], "label": None, "finish_reason": row["finish_reason"]}
+                "behaviour_logp": row["behaviour_logp"], "label": None, "finish_reason": row["finish_reason"],
+                "token_ids": row.get("response_token_ids")}
     r = f"response{i}"
     if row[r] is None:
         return None
     return {**base, "policy": row["policy"], "sample_index": row[f"{r}_sample_index"], "response": row[r],
             "num_tokens": row[f"{r}_num_tokens"], "behaviour_logp": row[f"{r}_behaviour_logp"],
-            "label": row[f"{r}_label"], "finish_reason": row.get(f"{r}_finish_reason")}
+            "label": row[f"{r}_label"], "finish_reason": row.get(f"{r}_finish_reason"),
+            "token_ids": row.get(f"{r}_token_ids")}
 
 
 def _key(g: dict) -> tuple:
@@ -134,10 +136,10 @@ def _side(g: dict | None, i: int, reward) -> dict:
     r = f"response{i}"
     if g is None:
         return {r: None, f"{r}_sample_index": None, f"{r}_num_tokens": None, f"{r}_behaviour_logp": None,
-                f"{r}_reward": None, f"{r}_label": None, f"{r}_finish_reason": None}
+                f"{r}_reward": None, f"{r}_label": None, f"{r}_finish_reason": None, f"{r}_token_ids": None}
     return {r: g["response"], f"{r}_sample_index": g["sample_index"], f"{r}_num_tokens": g["num_tokens"],
             f"{r}_behaviour_logp": g["behaviour_logp"], f"{r}_reward": reward, f"{r}_label": g["label"],
-            f"{r}_finish_reason": g["finish_reason"]}
+            f"{r}_finish_reason": g["finish_reason"], f"{r}_token_ids": g["token_ids"]}
 
 
 def annotate(ds, kind: str, annotators: list, weights: list[float], pairing: str, seed: int = 0,

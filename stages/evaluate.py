@@ -11,6 +11,9 @@ orders and averages them, so position bias cancels; pointwise annotators compare
     win_rate        mean over pairs of 1[P > 1/2] + 1/2 * 1[P = 1/2]      (ties count half)
     mean_preference mean P(candidate preferred)
     mean_reward_candidate / mean_reward_baseline   when the annotators give rewards
+    kl_vs_reference  with --reference MODEL: mean over the candidate's answers y ~ pi of
+                     behaviour_logp(y) - log pi_ref(y|x), a Monte Carlo estimate of KL(pi || pi_ref) in nats
+                     per answer (unbiased when generate sampled at temperature 1 without top-k/top-p)
 """
 from __future__ import annotations
 
@@ -38,9 +41,10 @@ def match_pairs(candidate, baseline):
         side = {}
         for i, g in ((1, c), (2, b)):
             side.update({f"response{i}": g["response"], f"response{i}_sample_index": i - 1,
-                         f"response{i}_num_tokens": g["num_tokens"], f"response{i}_behaviour_logp": None,
+                         f"response{i}_num_tokens": g["num_tokens"], f"response{i}_behaviour_logp": g["behaviour_logp"],
                          f"response{i}_reward": None, f"response{i}_label": None,
-                         f"response{i}_finish_reason": g["finish_reason"]})
+                         f"response{i}_finish_reason": g["finish_reason"],
+                         f"response{i}_token_ids": g.get("response_token_ids")})
         rows.append({"prompt_id": f"{c['prompt_id']}#{c['sample_index']}", "prompt": c["prompt"],
                      "messages": c["messages"], "iteration": c["iteration"], **side, "preference": None,
                      "annotator": "", "raw": [], "pairing": "evaluate", "policy": c["policy_fingerprint"]})
@@ -64,6 +68,15 @@ def win_summary(ds) -> dict:
     return out
 
 
+def kl_estimate(pairs, model, tokenizer, *, batch_size: int, device) -> dict:
+    """KL(candidate || reference) from the candidate's own samples: mean of log pi(y) - log pi_ref(y)."""
+    from alignpipe.logprobs import response_logps
+
+    ref, _ = response_logps(pairs, model, tokenizer, batch_size=batch_size, device=device, which=(1,))
+    diffs = [b - r for b, r in zip(pairs["response1_behaviour_logp"], ref) if b is not None and r is not None]
+    return {"kl_vs_reference": sum(diffs) / len(diffs)} if diffs else {}
+
+
 @handle_errors
 def command(
     ctx: typer.Context,
@@ -71,6 +84,8 @@ def command(
     baseline: Annotated[Path, typer.Argument(help="generations of the baseline policy on the same prompts.")],
     out: OutOpt,
     annotator: Annotated[list[str], typer.Option("--annotator", "-a", help="Judge spec(s), as in annotate.")],
+    reference: Annotated[Path | None, typer.Option(
+        help="Model folder: also estimate KL(candidate || reference) from the candidate's answers.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward of local models.")] = 8,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 for local models.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
@@ -91,7 +106,11 @@ def command(
     if pairs is None:
         raise UserError(f"{candidate} and {baseline}: no (prompt_id, sample_index) in common; generate both "
                         f"on the same prompts")
-    inputs = [candidate, baseline] + [p for s in specs for p in spec_inputs(s)]
+    inputs = [candidate, baseline] + [p for s in specs for p in spec_inputs(s)] + ([reference] if reference else [])
+    if reference is not None:
+        from alignpipe.models import check_model_folder
+
+        check_model_folder(reference, "reference", False)
     cfg = {**resolved_config(ctx), "annotator": [s.identity() for s in specs]}
     so = StageOutput(out, stage="evaluate", kind="annotations", config=cfg, inputs=inputs, force=force)
     if so.up_to_date():
@@ -101,7 +120,14 @@ def command(
     with so:
         result = annotate(pairs, "annotations", annotators, weights, "evaluate")
         so.report = win_summary(result)
+        if reference is not None:
+            from alignpipe.models import load_causal_lm, load_tokenizer, resolve_device
+
+            model = load_causal_lm(reference, dtype=dtype, device=resolve_device(device), what="reference")
+            so.report.update(kl_estimate(pairs, model, load_tokenizer(reference), batch_size=batch_size,
+                                         device=model.device))
         so.finish(result)
     r = so.report
     say(f"evaluate: win rate {r.get('win_rate', float('nan')):.3f} over {r['judged']} pairs "
-        f"(mean P {r.get('mean_preference', float('nan')):.3f}) -> {out}")
+        f"(mean P {r.get('mean_preference', float('nan')):.3f})"
+        + (f", KL vs reference {r['kl_vs_reference']:.2f} nats" if "kl_vs_reference" in r else "") + f" -> {out}")

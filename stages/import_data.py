@@ -137,10 +137,10 @@ def _annotation(base: dict, r1: str, *, r2=None, reward1=None, reward2=None, lab
     pair = r2 is not None
     return {**{k: base[k] for k in ("prompt_id", "prompt", "messages")}, "iteration": 0,
             "response1": r1, "response1_sample_index": 0, "response1_num_tokens": 0, "response1_behaviour_logp": None,
-            "response1_reward": reward1, "response1_label": label, "response1_finish_reason": None,
+            "response1_reward": reward1, "response1_label": label, "response1_finish_reason": None, "response1_token_ids": None,
             "response2": r2, "response2_sample_index": 1 if pair else None, "response2_num_tokens": 0 if pair else None,
             "response2_behaviour_logp": None, "response2_reward": reward2, "response2_label": None,
-            "response2_finish_reason": None,
+            "response2_finish_reason": None, "response2_token_ids": None,
             "preference": preference, "annotator": "imported", "raw": [], "pairing": "imported", "policy": ""}
 
 

@@ -44,8 +44,7 @@ def _train_metrics(policy: Path) -> dict:
     def avg(key):
         vals = [r[key] for r in last if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
-    return {"train_loss": avg("loss"), "reward_accuracy": avg("rewards/accuracy"), "kl": avg("kl"),
-            "steps": len(rows)}
+    return {"train_loss": avg("loss"), "reward_accuracy": avg("rewards/accuracy"), "steps": len(rows)}
 
 
 def collect(run: Path) -> list[dict]:
@@ -54,10 +53,12 @@ def collect(run: Path) -> list[dict]:
     rows = []
     for k in sorted(set(_iters(run)) | set(_iters(ev)) | {i + 1 for i in _iters(run)}):
         e = ev / f"iter-{k}"
+        versus = (read_manifest(e / "versus-0") or {}).get("report", {})
         row = {"policy": k,
                "mean_reward": _mean(e / "scores", "response1_reward"),
-               "win_rate_vs_0": (read_manifest(e / "versus-0") or {}).get("report", {}).get("win_rate"),
-               "response_tokens": _mean(e / "generations", "num_tokens")}
+               "win_rate_vs_0": versus.get("win_rate"),
+               "response_tokens": _mean(e / "generations", "num_tokens"),
+               "kl": versus.get("kl_vs_reference")}  # KL(policy K || reference) on its held-out answers
         row.update(_train_metrics(run / f"iter-{k - 1}" / "policy") if k > 0 else {})
         if any(v is not None for key, v in row.items() if key != "policy"):
             rows.append(row)
@@ -72,7 +73,7 @@ def plot(rows: list[dict], out: Path) -> None:
 
     keys = [("mean_reward", "mean reward (held-out)"), ("win_rate_vs_0", "win rate vs policy 0"),
             ("response_tokens", "response length (tokens)"), ("train_loss", "training loss"),
-            ("reward_accuracy", "reward accuracy"), ("kl", "KL estimate")]
+            ("reward_accuracy", "reward accuracy"), ("kl", "KL(policy || reference), nats")]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     for ax, (key, title) in zip(axes.flat, keys):
         pts = [(r["policy"], r[key]) for r in rows if r.get(key) is not None]
@@ -92,7 +93,10 @@ def markdown(rows: list[dict], run: Path) -> str:
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(c) is None else (f"{r[c]:.4g}" if isinstance(r[c], float)
                                                                      else str(r[c])) for c in cols) + " |")
-    return "\n".join(lines) + "\n\nPolicy K is the policy after K training iterations (0 = the start).\n"
+    return "\n".join(lines) + ("\n\nPolicy K is the policy after K training iterations (0 = the start). mean_reward,"
+                                " win_rate_vs_0, response_tokens and kl (KL(policy K || reference) in nats per answer)"
+                                " are measured on held-out prompts; train_loss and reward_accuracy are the last"
+                                " quarter of iteration K's training steps.\n")
 
 
 @handle_errors

@@ -4,8 +4,8 @@
         --combine product --clip 0.1,10 --normalize mean --drop-below 0.05 --out WEIGHTED
 
 The strategies, their formulas and the order of post-processing live in `alignpipe.weights`. This module
-holds the pure cores (`current_logps`: the importance strategy's forward pass; `reweight`: strategies ->
-combine -> clip -> normalise -> drop, plus the report) and the thin command.
+holds the pure core (`reweight`: strategies -> combine -> clip -> normalise -> drop, plus the report) and
+the thin command; the importance strategy's forward pass is `alignpipe.logprobs.response_logps`.
 """
 from __future__ import annotations
 
@@ -32,38 +32,6 @@ SHARD_ROWS = 512  # rows per checkpointed shard of the importance forward pass
 
 
 # ------------------------------------------------------------------------------------------------ cores
-def current_logps(ds, model, tokenizer, *, batch_size: int = 16, device="cpu") -> tuple[list, list]:
-    """Summed log-probs of each row's responses under `model` (None for response 2 of pointwise rows).
-
-    The prompt is rendered as generate renders it (`alignpipe.prompting`); the response is re-encoded from
-    its text, plus EOS when response{k}_finish_reason is 'eos' (for data without finish reasons: when
-    response{k}_num_tokens is exactly one more than the re-encoded length). Generate's own token ids would be exact; re-encoding is exact only when the
-    text round-trips through the tokenizer."""
-    from alignpipe.logprobs import score_responses
-    from alignpipe.prompting import encode, render_prompt
-
-    prompts, responses, slots = [], [], []
-    eos = tokenizer.eos_token_id
-    for i, row in enumerate(ds):
-        prompt = encode(tokenizer, render_prompt(tokenizer, row["prompt"], row["messages"],
-                                                 where=f"prompt {row['prompt_id']!r}"))
-        for k in (1, 2):
-            if row[f"response{k}"] is None:
-                continue
-            ids = encode(tokenizer, row[f"response{k}"])
-            reason = row.get(f"response{k}_finish_reason")
-            if eos is not None and (reason == "eos" if reason else row[f"response{k}_num_tokens"] == len(ids) + 1):
-                ids = ids + [eos]
-            prompts.append(prompt)
-            responses.append(ids)
-            slots.append((i, k))
-    scores = score_responses(model, prompts, responses, tokenizer.pad_token_id, batch_size, device)
-    out: dict[int, list] = {1: [None] * len(ds), 2: [None] * len(ds)}
-    for (i, k), s in zip(slots, scores):
-        out[k][i] = s
-    return out[1], out[2]
-
-
 def check(t: dict, specs: list[W.Spec]) -> None:
     """Cheap checks of the rows against the data and every strategy (before any forward pass)."""
     W.validate_table(t)
@@ -83,7 +51,7 @@ def reweight(ds, specs: list[W.Spec], *, combine: str = "product", clip: tuple =
              where: str = "input"):
     """Pure core: annotations -> (weighted dataset, report).
 
-    `current` = (current_logp1, current_logp2) from `current_logps`, needed by importance strategies.
+    `current` = (current_logp1, current_logp2) from `alignpipe.logprobs.response_logps`, needed by importance strategies.
     Report: ess / ess_fraction / weight_mean / weight_min / weight_max over the example weights of the kept
     rows (a pair's = mean of its two), dropped rows, and per strategy the mean, min, max and ESS of its
     per-response weights (`importance_ess` repeats the importance strategy's)."""
@@ -172,6 +140,7 @@ def _forward(so, ds, policy: str, *, device: str, dtype: str, batch_size: int) -
     """The importance forward pass over checkpointed shards (a killed run resumes)."""
     from datasets import Dataset, Features, Value
 
+    from alignpipe.logprobs import response_logps
     from alignpipe.models import load_causal_lm, load_tokenizer
     from alignpipe.output import map_shards
 
@@ -180,7 +149,7 @@ def _forward(so, ds, policy: str, *, device: str, dtype: str, batch_size: int) -
     features = Features({"current_logp1": Value("float64"), "current_logp2": Value("float64")})
 
     def shard(part, index):
-        c1, c2 = current_logps(part, model, tok, batch_size=batch_size, device=model.device)
+        c1, c2 = response_logps(part, model, tok, batch_size=batch_size, device=model.device)
         return Dataset.from_dict({"current_logp1": c1, "current_logp2": c2}, features=features)
 
     done = map_shards(so, ds, shard, SHARD_ROWS, "importance forward")
