@@ -1,5 +1,6 @@
 """The benchmark suite: runs every case script, collects their JSON lines, prints a table of ratios with
-median [min, max], and writes bench/results/latest.jsonl.
+median [min, max], and writes bench/results/latest.jsonl (the full run), quick.jsonl (--quick) or
+only-NAMES.jsonl (--only), so a partial run never overwrites the full one.
 
     python bench/run.py [--quick] [--threads 2] [--only train,overhead,...]
 
@@ -115,10 +116,11 @@ def main(argv=None) -> int:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "latest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records + [meta]))
+    name = f"only-{'-'.join(chosen)}.jsonl" if a.only else ("quick.jsonl" if a.quick else "latest.jsonl")
+    (out / name).write_text("".join(json.dumps(r) + "\n" for r in records + [meta]))
     print("\n" + table(records))
     print(f"\n{meta['seconds']:.0f} s, threads {a.threads}, load average {load} -> {meta['load_end']} "
-          f"on {meta['cpus']} CPUs; results: {out / 'latest.jsonl'}")
+          f"on {meta['cpus']} CPUs; results: {out / name}")
     return 0
 
 

@@ -24,8 +24,9 @@
 #                  and a reward-model ANNOTATOR is iterative DPO with a reward model)
 #   PAIRING        annotate --pairing (all | random | best-worst | pointwise); PAIRS: build-batches --pairs
 #   LOSS, BETA     preference loss (dpo | ipo | slic | cdpo | robust-dpo | simpo | orpo) and its beta
-#   STRATEGY       reweight strategy spec, REWEIGHT_OPTS its other options (default: abs-margin weights,
-#                  normalised to mean 1: a pair counts by how clearly the annotator separated it)
+#   STRATEGY       reweight strategy spec, REWEIGHT_OPTS its other options (default: confidence weights
+#                  |2P - 1|, normalised to mean 1: a pair counts by how clearly the annotator separated it;
+#                  works for pairwise judges and pointwise annotators, whose P is sigmoid(r1 - r2))
 #   LR, LORA_R, EPOCHS, BATCH, MAX_NEW_TOKENS, TEMPERATURE: training and sampling settings
 PY ?= python
 ALIGNPIPE ?= $(PY) -m alignpipe
@@ -44,7 +45,7 @@ EVAL_ANNOTATOR ?= $(ANNOTATOR)
 JUDGE ?= $(EVAL_ANNOTATOR)
 LOSS ?= dpo
 BETA ?= 0.1
-STRATEGY ?= abs-margin
+STRATEGY ?= confidence
 REWEIGHT_OPTS ?= --normalize mean
 LR ?= 1e-3
 LORA_R ?= 16
