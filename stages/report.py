@@ -74,11 +74,17 @@ def plot(rows: list[dict], out: Path) -> None:
     keys = [("mean_reward", "mean reward (held-out)"), ("win_rate_vs_0", "win rate vs policy 0"),
             ("response_tokens", "response length (tokens)"), ("train_loss", "training loss"),
             ("reward_accuracy", "reward accuracy"), ("kl", "KL(policy || reference), nats")]
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     for ax, (key, title) in zip(axes.flat, keys):
         pts = [(r["policy"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), marker="o")
+        if key in ("win_rate_vs_0", "reward_accuracy"):  # probabilities: the whole range, chance marked
+            ax.set_ylim(0, 1.02)
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("policy (iteration)")
         ax.grid(alpha=0.3)
