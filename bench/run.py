@@ -5,7 +5,7 @@ only-NAMES.jsonl (--only), so a partial run never overwrites the full one.
     python bench/run.py [--quick] [--threads 2] [--only train,overhead,...]
 
 --quick (< 5 minutes on 2 cores): DPO training on the tiny model (stored and live reference), a short
-SmolLM2 LoRA case, and the stage overhead. The full run (every case, 5 repeats) takes about 75 minutes on
+SmolLM2 LoRA case, and the stage overhead. The full run (every case, 5 repeats) takes about 80 minutes on
 2 cores; see bench/README.md.
 """
 from __future__ import annotations
