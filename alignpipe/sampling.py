@@ -25,6 +25,7 @@ num_tokens and the log-prob cover every sampled token, as vLLM reports them), `l
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -156,7 +157,7 @@ class Sampler:
 
             self.joinable = all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
         if self.joinable:
-            cache.layers = [_GrowingLayer.of(layer) for layer in cache.layers]
+            cache.layers = [_growing(layer) for layer in cache.layers]
         cache.batch_repeat_interleave(n)
         return logits.repeat_interleave(n, 0), cache, mask.repeat_interleave(n, 0), pos[:, -1:].repeat_interleave(n, 0) + 1
 
@@ -247,6 +248,7 @@ class Sampler:
         return out
 
 
+@functools.cache
 def _growing_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -282,17 +284,10 @@ def _growing_layer_class():
     return GrowingLayer
 
 
-class _Lazy:
-    """`_GrowingLayer`, defined on first use (it subclasses transformers' DynamicLayer: no import at start-up)."""
-
-    cls = None
-
-    def of(self, layer):
-        type(self).cls = type(self).cls or _growing_layer_class()
-        return self.cls.of(layer)
-
-
-_GrowingLayer = _Lazy()
+def _growing(layer):
+    """`layer`'s keys and values in a GrowingLayer (the class is made on first use: no transformers import
+    at start-up)."""
+    return _growing_layer_class().of(layer)
 
 
 class _Batch:
