@@ -29,7 +29,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of
 @app.command("schema")
 def schema_command(kind: Annotated[str, typer.Argument(help="Dataset kind, or 'all'.")] = "all"):
     """Print the fixed schema (columns, types, docs) of a dataset kind."""
-    import schemas
+    from alignpipe import schemas
 
     kinds = list(schemas.KINDS) if kind == "all" else [kind]
     for k in kinds:
@@ -43,12 +43,12 @@ def schema_command(kind: Annotated[str, typer.Argument(help="Dataset kind, or 'a
 
 
 def _register() -> None:
-    from stages import import_data, inspect_data
+    from alignpipe.stages import import_data, inspect_data
 
     app.command("import")(import_data.command)
     app.command("inspect")(inspect_data.command)
     for name, module in _STAGES:
-        app.command(name)(__import__(f"stages.{module}", fromlist=["command"]).command)
+        app.command(name)(__import__(f"alignpipe.stages.{module}", fromlist=["command"]).command)
 
 
 _STAGES = [("generate", "generate"), ("annotate", "annotate"), ("reweight", "reweight"),

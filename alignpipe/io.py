@@ -84,7 +84,7 @@ def _type_str(feature) -> str:
 
 def check_columns(ds, kind: str, where: str) -> None:
     """Raise UserError naming the first missing or mistyped column of `ds` against the schema of `kind`."""
-    import schemas
+    from alignpipe import schemas
 
     expected = schemas.features(kind)
     for col in schemas.columns(kind):
@@ -99,7 +99,7 @@ def check_columns(ds, kind: str, where: str) -> None:
 
 def read_input(path: Path | str, kinds: str | tuple[str, ...], stage: str, allow_empty: bool = False):
     """Load a dataset written by alignpipe, check its kind, version and columns; return (dataset, kind)."""
-    import schemas
+    from alignpipe import schemas
 
     path = Path(path)
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
@@ -122,7 +122,7 @@ def read_input(path: Path | str, kinds: str | tuple[str, ...], stage: str, allow
 
 def conform(ds, kind: str):
     """Select and order the schema's columns and cast to its exact features (what every stage writes)."""
-    import schemas
+    from alignpipe import schemas
 
     names = [c.name for c in schemas.columns(kind)]
     missing = [n for n in names if n not in ds.column_names]

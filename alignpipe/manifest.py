@@ -98,7 +98,7 @@ def redact(obj):
 def build_manifest(*, stage: str, config: dict, inputs: list[Path], kind: str | None, num_rows: int | None,
                    started: float, fingerprint_: str, report: dict | None = None) -> dict:
     from alignpipe import __version__
-    from schemas import SCHEMA_VERSION
+    from alignpipe.schemas import SCHEMA_VERSION
 
     return redact({
         "stage": stage,

@@ -322,7 +322,7 @@ def parse_spec(text: str) -> Spec:
 
 
 def empty_table() -> dict:
-    import schemas
+    from alignpipe import schemas
 
     cols = [c.name for c in schemas.columns("annotations")] + ["current_logp1", "current_logp2"]
     return {c: [] for c in cols}

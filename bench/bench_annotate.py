@@ -26,7 +26,7 @@ def generations(n: int):
     """n prompts with two answers each, as a generations dataset."""
     from datasets import Dataset
 
-    import schemas
+    from alignpipe import schemas
 
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "messages": [], "reference": None,
              "sample_index": j, "response": r[side], "num_tokens": 0, "finish_reason": "eos",
@@ -46,7 +46,7 @@ def reward_case(name: str, folder: Path, pairs: int, batch_size: int, repeats: i
 
     from alignpipe.annotators import Runtime, build, parse_spec
     from alignpipe.annotators.reward_model import render
-    from stages.annotate import annotate
+    from alignpipe.stages.annotate import annotate
 
     gens = generations(pairs)
     ann = build(parse_spec(f"reward-model:{folder}"), Runtime(device="cpu", batch_size=batch_size))
@@ -75,7 +75,7 @@ def _query(g: dict):
 
 def judge_case(name: str, folder: Path, pairs: int, batch_size: int, repeats: int) -> dict:
     from alignpipe.annotators import Runtime, build, parse_spec
-    from stages.annotate import annotate
+    from alignpipe.stages.annotate import annotate
 
     gens = generations(pairs)
     judge = build(parse_spec(f"pairwise-judge:{folder},template=positivity"),

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 def load_prompts(n: int):
     from datasets import Dataset
 
-    import schemas
+    from alignpipe import schemas
 
     rows = [json.loads(line) for line in (ROOT / "pipelines/data/prompts.jsonl").read_text().splitlines()][:n]
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "messages": [], "reference": None,
@@ -62,7 +62,7 @@ def bench_case(name: str, folder: Path, *, prompts: int, batch_size: int, num_sa
     from alignpipe.models import load_causal_lm, load_tokenizer
     from alignpipe.prompting import render_prompt
     from alignpipe.sampling import Sampler, SamplingParams, eos_token_ids
-    from stages.generate import generate
+    from alignpipe.stages.generate import generate
 
     torch.set_num_threads(threads)
     tok, model = load_tokenizer(folder), load_causal_lm(folder)

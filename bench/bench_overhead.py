@@ -33,7 +33,7 @@ def _text(rng: random.Random, words: list[str], n: int) -> str:
 
 def rows_of(kind: str, n: int) -> dict[str, list]:
     """Columns of n plausible rows of `kind` (every schema column present)."""
-    import schemas
+    from alignpipe import schemas
 
     rng, words = random.Random(0), common._words()
     cols: dict[str, list] = {}
@@ -64,7 +64,7 @@ def rows_of(kind: str, n: int) -> dict[str, list]:
 def time_kind(kind: str, n: int, repeats: int) -> dict:
     from datasets import Dataset
 
-    import schemas
+    from alignpipe import schemas
     from alignpipe.io import read_input
     from alignpipe.output import StageOutput
 

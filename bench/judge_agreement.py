@@ -75,7 +75,7 @@ def generations(pairs: list[dict]):
     """A generations dataset: two samples per prompt, so pairing `all` gives exactly the fixture pairs."""
     from datasets import Dataset
 
-    import schemas
+    from alignpipe import schemas
 
     rows = [{"prompt_id": f"q{i:03d}", "prompt": p["prompt"], "messages": [], "reference": None,
              "sample_index": j, "response": p[f"response{j + 1}"], "num_tokens": 0, "finish_reason": "eos",
@@ -87,7 +87,7 @@ def generations(pairs: list[dict]):
 def agreement(judge_dir: str, n: int, batch_size: int, device: str, template: str = "positivity",
               which: str = "a") -> dict:
     from alignpipe.annotators import Runtime, build, parse_spec
-    from stages.annotate import annotate
+    from alignpipe.stages.annotate import annotate
 
     pairs = fixture_pairs(n, which=which)
     rt = Runtime(device=device, batch_size=batch_size)
@@ -119,7 +119,7 @@ def agreement(judge_dir: str, n: int, batch_size: int, device: str, template: st
 def tiny_timings(n: int, batch_size: int, device: str) -> dict:
     from alignpipe.annotators import Runtime, build, parse_spec
     from alignpipe.testing import build_tiny_models
-    from stages.annotate import annotate
+    from alignpipe.stages.annotate import annotate
 
     models = build_tiny_models(Path(tempfile.mkdtemp(prefix="judge-bench-")))
     pairs = [{**p, "prompt": f"{p['prompt']} (#{i})"} for i, p in enumerate(fixture_pairs(n))]  # all distinct

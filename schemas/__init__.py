@@ -15,6 +15,13 @@ the one it knows.
 """
 from __future__ import annotations
 
+if __name__ == "schemas":  # the old top-level spelling, imported before alignpipe: become the one alignpipe.schemas
+    import sys
+
+    import alignpipe.schemas
+
+    sys.modules[__name__] = alignpipe.schemas
+
 from dataclasses import dataclass
 
 SCHEMA_VERSION = "1.2"  # 1.1: response{1,2}_finish_reason; 1.2: the sampled token ids (generations on)

@@ -213,7 +213,7 @@ def _rows(units, annotators, weights, scores, pair_verdicts, rewards) -> list[di
 def _to_dataset(rows: list[dict]):
     from datasets import Dataset
 
-    import schemas
+    from alignpipe import schemas
 
     features = schemas.features("annotations")
     if not rows:

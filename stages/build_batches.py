@@ -54,7 +54,7 @@ class BatchOptions:
 
 # ------------------------------------------------------------------------------------------- pure core
 def _output_row(ex: dict, batch_index: int, kind: str) -> dict:
-    import schemas
+    from alignpipe import schemas
 
     row = {}
     for col in schemas.columns(kind):
@@ -72,7 +72,7 @@ def build_batches(inputs: list[tuple], tokenizer, task: str, opts: BatchOptions)
     """(dataset of kind batches-<task>, report) from [(dataset, kind, name)] inputs."""
     from datasets import Dataset
 
-    import schemas
+    from alignpipe import schemas
     from alignpipe import batching, tasks
 
     spec = tasks.task(task)

@@ -30,7 +30,7 @@ def match_pairs(candidate, baseline):
     """Pure core: pairs rows of an annotations table from two generations datasets on the same prompts."""
     from datasets import Dataset
 
-    import schemas
+    from alignpipe import schemas
 
     base = {(r["prompt_id"], r["sample_index"]): r for r in baseline}
     rows = []
@@ -96,7 +96,7 @@ def command(
     from alignpipe.annotators import Runtime, build, parse_spec, spec_inputs
     from alignpipe.io import read_input
     from alignpipe.output import StageOutput
-    from stages.annotate import annotate, parse_weights
+    from alignpipe.stages.annotate import annotate, parse_weights
 
     specs = [parse_spec(s) for s in annotator]
     weights = parse_weights(None, specs)

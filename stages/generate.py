@@ -40,7 +40,7 @@ def prepare_prompts(ds, tokenizer, *, max_prompt_length: int, long_prompts: str 
     token ids `_ids`; {"truncated": n} or {"skipped": n}). `row_ids` name the rows in errors.
     """
     from datasets import Dataset, Features, List, Value
-    import schemas
+    from alignpipe import schemas
     from alignpipe.prompting import render_prompt
 
     cols = {c: ds[c] for c in ("prompt_id", "prompt", "messages", "reference")}
@@ -84,7 +84,7 @@ def sample_part(part, sampler, *, batch_size: int, seed: int, first_row: int, me
     """
     from datasets import Dataset
 
-    import schemas
+    from alignpipe import schemas
     from alignpipe.sampling import derive_seed
 
     features = schemas.features("generations")

@@ -235,7 +235,7 @@ def command(
     """Bring outside data in: prompts, conversations, preference pairs, scored or labelled completions."""
     from datasets import Dataset
 
-    import schemas
+    from alignpipe import schemas
     from alignpipe.output import StageOutput
 
     ds = _apply_mapping(read_table(source), column, source)

@@ -72,7 +72,7 @@ def summarise(ds, kind: str | None) -> dict:
 
 
 def _verdict(path: Path, ds, kind: str | None) -> str:
-    import schemas
+    from alignpipe import schemas
     from alignpipe.io import check_columns
 
     if kind is None:

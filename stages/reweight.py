@@ -40,7 +40,7 @@ def check(t: dict, specs: list[W.Spec]) -> None:
 
 
 def _summary(values: list) -> dict:
-    from stages.inspect_data import weight_summary
+    from alignpipe.stages.inspect_data import weight_summary
 
     w = [v for v in values if v is not None]
     return {"mean": math.fsum(w) / len(w), "min": min(w), "max": max(w), "ess": weight_summary(w)["ess"]}
@@ -78,7 +78,7 @@ def reweight(ds, specs: list[W.Spec], *, combine: str = "product", clip: tuple =
 
 
 def _report(specs, per: dict, w1: list, w2: list, rows_in: int, zero_prompts: int) -> dict:
-    from stages.inspect_data import weight_summary
+    from alignpipe.stages.inspect_data import weight_summary
 
     ex = W.example_weights((w1, w2))
     final = weight_summary(ex)

@@ -121,7 +121,7 @@ _FILL = {"string": "x", "int32": 0, "int64": 0, "float64": 0.0, "bool": True, "i
 
 def full_row(kind: str, row: dict) -> dict:
     """`row` with every other column of `kind` filled: nullable columns None, the rest a plain value."""
-    import schemas
+    from alignpipe import schemas
 
     return {c.name: row[c.name] if c.name in row else (None if c.nullable else _FILL[c.dtype])
             for c in schemas.columns(kind)}
@@ -132,7 +132,7 @@ def write_dataset(path: Path, kind: str, rows: list[dict], *, stage: str = "test
     """A dataset of `kind` with a manifest, as its stage writes it (`features` overrides the schema's)."""
     from datasets import Dataset
 
-    import schemas
+    from alignpipe import schemas
     from alignpipe.output import StageOutput
 
     full = [full_row(kind, r) for r in rows]

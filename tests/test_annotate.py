@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import schemas
+from alignpipe import schemas
 from alignpipe.annotators import ANNOTATORS, Query, Runtime, Verdict, build, parse_spec, swap_average
 from alignpipe.cli import app
 from alignpipe.errors import UserError
 from alignpipe.io import read_input
 from alignpipe.manifest import read_manifest
-from stages.annotate import combined_preference, make_pairs
+from alignpipe.stages.annotate import combined_preference, make_pairs
 
 runner = CliRunner()
 

@@ -142,7 +142,7 @@ def http(c: Ctx, mode: str, **options) -> list:
 def mistyped(c: Ctx) -> Path:
     from datasets import Value
 
-    import schemas
+    from alignpipe import schemas
 
     feats = schemas.features("generations")
     feats["num_tokens"] = Value("string")
@@ -151,7 +151,7 @@ def mistyped(c: Ctx) -> Path:
 
 
 def missing_column(c: Ctx) -> Path:
-    import schemas
+    from alignpipe import schemas
 
     feats = schemas.features("generations")
     del feats["response"]

@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 from typer.testing import CliRunner
 
-import schemas
+from alignpipe import schemas
 from alignpipe import batching, tasks
 from alignpipe.cli import app
 from alignpipe.io import read_input

@@ -38,7 +38,7 @@ from helpers import (
 )
 
 NUM_PROMPTS = 8
-RW_SHARD = "stages.reweight:SHARD_ROWS=3"  # the importance forward of 8 rows in 3 shards
+RW_SHARD = "alignpipe.stages.reweight:SHARD_ROWS=3"  # the importance forward of 8 rows in 3 shards
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -74,14 +74,14 @@ def recipe(tmp_path_factory, tiny_lm_dir):
         "train": lambda out: ["train", d / "build-batches", "--policy", lm, "--loss", "dpo", "--lr", "1e-3",
                               "--save-every", 1, "--device", "cpu", "--out", out],
     }
-    import stages.reweight
+    import alignpipe.stages.reweight
 
-    saved, stages.reweight.SHARD_ROWS = stages.reweight.SHARD_ROWS, 3
+    saved, alignpipe.stages.reweight.SHARD_ROWS = alignpipe.stages.reweight.SHARD_ROWS, 3
     try:
         for stage, make in args.items():
             ok(*make(d / stage))
     finally:
-        stages.reweight.SHARD_ROWS = saved
+        alignpipe.stages.reweight.SHARD_ROWS = saved
     return d, args
 
 
@@ -136,7 +136,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(stage, fault, left, done, recip
             assert any(".tmp" in n for n in after_kill), after_kill
         if left == "partial" and fault.startswith("before:"):  # a half-done shard or checkpoint folder
             assert any(".tmp" in p.name for p in (tmp_path / f".{stage}.partial").iterdir())
-    monkeypatch.setattr("stages.reweight.SHARD_ROWS", 3)
+    monkeypatch.setattr("alignpipe.stages.reweight.SHARD_ROWS", 3)
     rerun = ok(*args[stage](out))
     reference = d / stage
     if done == "all":

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import schemas
+from alignpipe import schemas
 from alignpipe.cli import app
 from alignpipe.errors import LockedError, UserError
 from alignpipe.io import read_input

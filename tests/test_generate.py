@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import schemas
+from alignpipe import schemas
 from alignpipe.cli import app
 from alignpipe.io import read_input
 from alignpipe.logprobs import score_responses
 from alignpipe.manifest import read_manifest
 from alignpipe.models import load_causal_lm, load_tokenizer, model_fingerprint
 from alignpipe.sampling import Sampler, SamplingParams, cut_at_stop, eos_token_ids
-from stages.generate import prepare_prompts, shard_range
+from alignpipe.stages.generate import prepare_prompts, shard_range
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import schemas
+from alignpipe import schemas
 from alignpipe import weights as W
 from alignpipe.cli import app
 from alignpipe.errors import UserError
 from alignpipe.io import read_input
 from alignpipe.output import StageOutput
-from stages.reweight import reweight
+from alignpipe.stages.reweight import reweight
 
 runner = CliRunner()
 

@@ -37,7 +37,7 @@ def make_batches(task: str, examples: list[dict], tokenizer_dir, batch_size: int
     """A batches-<task> Dataset as build-batches writes it (ChatML prompt, response + <|im_end|>)."""
     from datasets import Dataset
 
-    import schemas
+    from alignpipe import schemas
     from alignpipe.logprobs import score_responses
     from alignpipe.models import load_tokenizer
     from alignpipe.prompting import encode, render_prompt
@@ -423,7 +423,7 @@ def test_partially_cached_reference_is_an_error_naming_the_row(tmp_path, tiny_lm
 
     ds = make_batches("pairwise", pairs(3), tiny_lm_dir, ref_model=load_causal_lm(tiny_lm_dir)).to_list()
     ds[1]["response2_ref_logp"] = None
-    import schemas
+    from alignpipe import schemas
 
     so = StageOutput(tmp_path / "b", stage="build-batches", kind="batches-pairwise", config={}, inputs=[])
     with so:
@@ -438,7 +438,7 @@ def test_loss_choices_and_hyperparameter_options_follow_the_table():
     with their defaults (kept in stages/train.py so `--help` needs no torch)."""
     import re
 
-    from stages.train import LOSS_NAMES
+    from alignpipe.stages.train import LOSS_NAMES
 
     assert set(LOSS_NAMES) == set(LOSSES)
     r = RUNNER.invoke(app, ["train", "--help"], terminal_width=400)

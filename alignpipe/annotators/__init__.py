@@ -26,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignpipe import PIPELINES_DIR
 from alignpipe.errors import UserError
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "templates"
+TEMPLATE_DIR = PIPELINES_DIR / "templates"
 
 
 @dataclass
