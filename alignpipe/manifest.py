@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -95,6 +96,47 @@ def redact(obj):
     return obj
 
 
+_KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|xox[abp]-[A-Za-z0-9-]{10,}"
+                       r"|AKIA[0-9A-Z]{16}|eyJ[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})")
+_KEY_OPTION = re.compile(r"^(--?[\w-]*(api[_-]?key|token|secret|password)[\w-]*)(=.*)?$", re.I)
+_KEY_PAIR = re.compile(r"(\b[\w-]*(api[_-]?key|token|secret|password)[\w-]*=)([^,\s]+)", re.I)
+
+
+def scrub_argv(argv: list[str]) -> list[str]:
+    """argv with secrets replaced by '***': known secret values (environment, registered), strings shaped like
+    API keys or tokens, the value after a secret-named option (`--api-key X`, `--token=X`) and secret-named
+    `key=value` pairs inside specs (`http:URL,api_key=X`). Names ending in `_env` (the variable holding a key)
+    stay."""
+    out, hide_next = [], False
+    for arg in map(str, argv):
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        opt = _KEY_OPTION.match(arg)
+        if opt and not opt.group(1).lower().endswith("-env"):
+            if opt.group(3) is None:
+                hide_next = True
+                out.append(arg)
+            else:
+                out.append(opt.group(1) + "=***")
+            continue
+        arg = _KEY_PAIR.sub(lambda m: m.group(0) if m.group(1).lower().endswith("_env=") else m.group(1) + "***", arg)
+        out.append(_KEY_LIKE.sub("***", redact(arg)))
+    return out
+
+
+def command_argv(argv: list[str] | None = None) -> list[str]:
+    """The command line that reruns this process, as argv: `alignpipe STAGE ...` when it runs alignpipe (as
+    the console script or `python -m alignpipe`), else the raw argv; secrets scrubbed."""
+    argv = list(sys.argv if argv is None else argv)
+    prog = Path(argv[0]).name if argv else ""
+    if prog == "alignpipe" or (prog == "__main__.py" and Path(argv[0]).parent.name == "alignpipe") \
+            or prog == "-c" or "alignpipe" in argv[0]:
+        argv = ["alignpipe"] + argv[1:]
+    return scrub_argv(argv)
+
+
 def build_manifest(*, stage: str, config: dict, inputs: list[Path], kind: str | None, num_rows: int | None,
                    started: float, fingerprint_: str, report: dict | None = None) -> dict:
     from alignpipe import __version__
@@ -102,7 +144,9 @@ def build_manifest(*, stage: str, config: dict, inputs: list[Path], kind: str | 
 
     return redact({
         "stage": stage,
-        "command": " ".join(["alignpipe"] + sys.argv[1:]) if "alignpipe" in sys.argv[0] else " ".join(sys.argv),
+        "command": shlex.join(command_argv()),  # rerun it from `cwd`
+        "argv": command_argv(),
+        "cwd": os.getcwd(),
         "config": config,
         "inputs": [{"path": str(p), "fingerprint": fingerprint(p)} for p in inputs],
         "schema": {"kind": kind, "version": SCHEMA_VERSION} if kind else None,

@@ -1,13 +1,18 @@
-"""report: figures across the iterations of a run folder, as PNG plots and a Markdown summary.
+"""report: figures across the iterations of a run folder: a self-contained HTML report, PNG plots and a
+Markdown summary.
 
 Reads the run layout the pipelines write:
     RUN/iter-K/{generations,annotations,weighted,batches,policy}   one online iteration (policy = policy K+1)
-    RUN/eval/iter-K/{generations,scores,versus-0}                   held-out evaluation of policy K
-and writes RUN/report/{report.png, summary.md, summary.json}.
+    RUN/eval/iter-K/{generations,scores,versus-0,...}               held-out evaluation of policy K
+    RUN/{data,weighted,batches,policy}                              an offline recipe (one policy)
+and writes RUN/report/{report.html, report.png, summary.md, summary.json}. Numeric figures that evaluation
+stages report beyond the usual ones (accuracy, pass@k, ...) become extra columns.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -44,12 +49,32 @@ def _train_metrics(policy: Path) -> dict:
     def avg(key):
         vals = [r[key] for r in last if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
-    return {"train_loss": avg("loss"), "reward_accuracy": avg("rewards/accuracy"), "steps": len(rows)}
+    out = {"train_loss": avg("loss"), "reward_accuracy": avg("rewards/accuracy")}
+    for key in sorted({k for r in last for k in r if "kl" in k.lower().split("/")[-1]}):
+        out[f"train_{key.replace('/', '_')}"] = avg(key)  # KL terms of policy-gradient losses
+    return {**out, "steps": len(rows)}
+
+
+_EXTRA = re.compile(r"(accuracy|pass@\d+|pass_rate|solve_rate|exact_match)", re.I)
+
+
+def _extra(folder: Path) -> dict:
+    """Accuracy-like numbers reported by the evaluation stages of one policy (e.g. the RL recipe's)."""
+    out = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+        report = (read_manifest(sub) or {}).get("report", {})
+        for key, v in report.items():
+            if _EXTRA.search(key) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[key if sub.name != "versus-0" else f"{key}_vs_0"] = v
+    return out
 
 
 def collect(run: Path) -> list[dict]:
     """One dict of figures per policy index K (policy 0 = the starting policy)."""
     ev = run / "eval"
+    if not _iters(run) and (run / "policy" / "manifest.json").exists():  # an offline recipe: one policy
+        row = {"policy": 1, **_train_metrics(run / "policy")}
+        return [row] if len(row) > 1 else []
     rows = []
     for k in sorted(set(_iters(run)) | set(_iters(ev)) | {i + 1 for i in _iters(run)}):
         e = ev / f"iter-{k}"
@@ -60,9 +85,19 @@ def collect(run: Path) -> list[dict]:
                "response_tokens": _mean(e / "generations", "num_tokens"),
                "kl": versus.get("kl_vs_reference")}  # KL(policy K || reference) on its held-out answers
         row.update(_train_metrics(run / f"iter-{k - 1}" / "policy") if k > 0 else {})
+        row.update(_extra(e))
         if any(v is not None for key, v in row.items() if key != "policy"):
             rows.append(row)
     return rows
+
+
+COLUMNS = ["policy", "mean_reward", "win_rate_vs_0", "response_tokens", "train_loss", "reward_accuracy", "kl"]
+
+
+def columns(rows: list[dict]) -> list[str]:
+    """The usual columns, then every other key some row has (accuracy, train KL, steps, ...)."""
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in COLUMNS]
+    return COLUMNS + extra
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -94,7 +129,7 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def markdown(rows: list[dict], run: Path) -> str:
-    cols = ["policy", "mean_reward", "win_rate_vs_0", "response_tokens", "train_loss", "reward_accuracy", "kl"]
+    cols = columns(rows)
     lines = [f"# alignpipe report: {run}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(c) is None else (f"{r[c]:.4g}" if isinstance(r[c], float)
@@ -107,8 +142,13 @@ def markdown(rows: list[dict], run: Path) -> str:
 
 @handle_errors
 def command(run: Annotated[Path, typer.Argument(help="A run folder (runs/NAME) written by a pipeline.")],
-            out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (default RUN/report).")] = None):
-    """PNG plots across iterations and a Markdown summary of a pipeline run."""
+            out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (default RUN/report).")] = None,
+            answers: Annotated[int, typer.Option(min=0, help="Held-out prompts shown with every policy's answer.")] = 8,
+            seed: Annotated[int, typer.Option(help="Seed of the choice of those prompts.")] = 0):
+    """A self-contained HTML report (answers side by side, weights, curves, lineage), PNG plots and a Markdown
+    summary of a pipeline run."""
+    from alignpipe.report_html import render
+
     if not run.is_dir():
         raise UserError(f"{run}: no such run folder")
     rows = collect(run)
@@ -119,5 +159,9 @@ def command(run: Annotated[Path, typer.Argument(help="A run folder (runs/NAME) w
     plot(rows, out / "report.png")
     (out / "summary.md").write_text(markdown(rows, run))
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    html = render(run, rows, columns(rows), (out / "report.png").read_bytes(), sample=answers, seed=seed)
+    tmp = out / f".report.html.tmp{os.getpid()}"
+    tmp.write_text(html, encoding="utf-8")
+    os.replace(tmp, out / "report.html")
     print(markdown(rows, run))
-    say(f"report: {out / 'report.png'}")
+    say(f"report: {out / 'report.html'} ({len(html.encode()) / 1e3:.0f} kB), {out / 'report.png'}")
