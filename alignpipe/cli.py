@@ -53,5 +53,5 @@ def _register() -> None:
 
 _STAGES = [("generate", "generate"), ("annotate", "annotate"), ("reweight", "reweight"),
            ("build-batches", "build_batches"), ("train", "train"), ("evaluate", "evaluate"),
-           ("report", "report"), ("export", "export_data")]
+           ("report", "report"), ("lineage", "lineage"), ("export", "export_data")]
 _register()
