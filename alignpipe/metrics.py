@@ -1,5 +1,6 @@
-"""Training metrics: one JSON object per optimisation step in `metrics.jsonl`, and TensorBoard scalars under
-`tb/` when tensorboard is installed. Only rank 0 writes.
+"""Training metrics: one JSON object per optimisation step in `metrics.jsonl`, TensorBoard scalars under `tb/`
+when tensorboard is installed (same names and steps), and the experiment trackers asked for
+(`--report-to wandb,mlflow,trackio`, alignpipe.trackers). Only rank 0 writes.
 
 On resume the JSONL file is rewritten from the metrics stored in the checkpoint (steps after the checkpoint
 that a killed run had logged are dropped), and TensorBoard is opened with `purge_step` so its events after the
@@ -14,12 +15,12 @@ from pathlib import Path
 TIMING_KEYS = ("seconds", "tokens/s", "examples/s")  # wall-clock figures: differ between identical runs
 
 
-def _tensorboard_writer(folder: Path, purge_step: int | None):
+def _tensorboard_installed() -> bool:
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        import torch.utils.tensorboard  # noqa: F401
     except ImportError:  # tensorboard is an optional extra
-        return None
-    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+        return False
+    return True
 
 
 def _clean(value):
@@ -30,33 +31,49 @@ def _clean(value):
 
 
 class MetricsLog:
-    """Append-only metrics sink for one run folder (JSONL + optional TensorBoard)."""
+    """Append-only metrics sink for one run folder: JSONL, TensorBoard (on when installed) and the trackers
+    named by `report_to` (see alignpipe.trackers), each given the same names and steps.
 
-    def __init__(self, folder: Path, history: list[dict] | None = None, tensorboard: bool = True):
+    `run_name` names the run in the trackers (default: derived from the output folder), `config` is the
+    resolved config they record (redacted)."""
+
+    def __init__(self, folder: Path, history: list[dict] | None = None, tensorboard: bool = True,
+                 report_to: tuple = (), run_name: str | None = None, config: dict | None = None):
+        from alignpipe.trackers import Trackers, parse
+
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "metrics.jsonl"
         self.history = list(history or [])
+        names = parse(report_to)
+        if tensorboard and "tensorboard" not in names and _tensorboard_installed():
+            names = ("tensorboard",) + names
         with open(self.path, "w") as f:  # rewrite: exactly the steps the (resumed) state has seen
             for row in self.history:
                 f.write(json.dumps(row) + "\n")
-        purge = self.history[-1]["step"] + 1 if self.history else None
-        self.tb = _tensorboard_writer(self.folder / "tb", purge) if tensorboard else None
+        self.trackers = Trackers(self.folder, names, run_name_=run_name, config=config, history=self.history)
+
+    @property
+    def tb(self):
+        """The TensorBoard tracker when it is on (None otherwise)."""
+        return self.trackers.open.get("tensorboard") if self.trackers else None
 
     def write(self, row: dict) -> None:
         row = {k: _clean(v) for k, v in row.items()}
         self.history.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def links(self) -> dict:
+        """Where each tracker keeps this run (folders, URIs, ids)."""
+        return self.trackers.links() if self.trackers else {}
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
 
 def read_metrics(path: Path) -> list[dict]:
