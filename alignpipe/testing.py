@@ -6,7 +6,9 @@
   ``1``..``9`` and ``A``/``B`` are single tokens; no special token is added when encoding;
 * a randomly initialised 2-layer Llama causal LM and a Llama sequence-classification reward model
   (one score), each saved as a complete folder (safetensors weights + tokenizer + generation config);
-* tokenizer variants without a pad token or without a chat template, for bad-input tests.
+* tokenizer variants without a pad token or without a chat template, for bad-input tests;
+* device pinning for tests (`cpu_env`) and the tolerances of comparing a computation across devices and
+  dtypes (`logp_tolerance`).
 
     python -m alignpipe.testing OUT_DIR [--seed N]   # builds tokenizer/, policy/, reward/ under OUT_DIR
 """
@@ -203,6 +205,40 @@ def build_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         "policy": build_causal_lm(out / "policy", out / "tokenizer", seed=seed),
         "reward": build_reward_model(out / "reward", seed=seed + 1, tokenizer_dir=out / "tokenizer"),
     }
+
+
+# ------------------------------------------------------------------------------------ devices in tests
+def cpu_env(env: dict | None = None, **extra) -> dict:
+    """A child process's environment that sees no CUDA device (`CUDA_VISIBLE_DEVICES=""`), so that its
+    `--device auto`, auto batch sizes and default process groups are those of a CPU machine anywhere."""
+    import os
+
+    base = dict(os.environ if env is None else env)
+    return {**base, "CUDA_VISIBLE_DEVICES": "", **{k: str(v) for k, v in extra.items()}}
+
+
+# Per-token bound on |a - b| between two computations of a log-prob (or a score) of the same token by
+# different kernels: float32 differs only in summation order (a few ulp of logits of magnitude ~10); TF32
+# matmuls keep 10 mantissa bits and bfloat16 autocast rounds every matmul output to 8 bits (2**-8 = 0.4%
+# relative), so their bound is that of the rounded logits. A summed log-prob of n tokens gets n times it:
+# loose against float rounding, tight against a wrong token, position or mask (errors of order 1 per token).
+PER_TOKEN_TOLERANCE = {"float32": 2e-5, "tf32": 5e-3, "bfloat16": 3e-2, "float16": 1e-2}
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 matmuls on CUDA may run in TF32 here (torch's flags or float32 matmul precision)."""
+    import torch
+
+    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+
+
+def logp_tolerance(dtype: str, devices: tuple[str, ...] = ("cpu",), num_tokens: int = 1) -> float:
+    """Absolute bound on the difference of a summed log-prob of `num_tokens` tokens computed with `dtype`
+    (float32 | bfloat16 | float16) on `devices`; float32 on CUDA counts as TF32 when TF32 is enabled."""
+    key = dtype
+    if dtype == "float32" and any(d.startswith("cuda") for d in devices) and tf32_enabled():
+        key = "tf32"
+    return PER_TOKEN_TOLERANCE[key] * max(1, num_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

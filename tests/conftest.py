@@ -1,6 +1,19 @@
-"""Shared test set-up: offline, 2 threads, a throw-away HF cache, and session-wide tiny models.
+"""Shared test set-up: offline, 2 threads, a throw-away HF cache, session-wide tiny models, pinned devices.
 
 Fixture folders are shared by the whole session: treat them as read-only (copy before changing).
+
+Devices: every test runs on the CPU unless it is marked `gpu`, so the suite gives the same verdict on a machine
+with a GPU as on one without. `ALIGNPIPE_TEST_DEVICE` chooses:
+
+* `auto` (default): a test without the `gpu` marker sees no CUDA, in-process (`torch.cuda.is_available()` is
+  False, so `--device auto` and auto batch sizes resolve as on a CPU machine) and in the processes it starts
+  (`CUDA_VISIBLE_DEVICES=""`); `gpu` tests run where CUDA is present and are skipped, saying why, elsewhere;
+* `cpu`: CUDA is hidden from the whole session before torch is imported; `gpu` tests are skipped;
+* `cuda`: as auto, but a `gpu` test fails instead of being skipped when no CUDA device is present (GPU CI).
+
+    ALIGNPIPE_TEST_DEVICE=cpu pytest                # device independence: CUDA hidden
+    pytest                                          # the same suite, plus the gpu tests where CUDA is present
+    ALIGNPIPE_TEST_DEVICE=cuda pytest -m gpu        # only the CUDA tests; failing if CUDA is absent
 """
 
 from __future__ import annotations
@@ -20,6 +33,13 @@ os.environ.setdefault("MKL_NUM_THREADS", "2")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+TEST_DEVICE = os.environ.get("ALIGNPIPE_TEST_DEVICE", "auto")
+if "CUDA_VISIBLE_DEVICES" in os.environ:  # for tests that start a pytest of their own with the machine's GPUs
+    os.environ.setdefault("ALIGNPIPE_ORIGINAL_CUDA_VISIBLE_DEVICES", os.environ["CUDA_VISIBLE_DEVICES"])
+if TEST_DEVICE not in ("auto", "cpu", "cuda"):
+    raise SystemExit(f"ALIGNPIPE_TEST_DEVICE={TEST_DEVICE!r}: unknown (known: auto, cpu, cuda)")
+if TEST_DEVICE == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch starts: no CUDA in this session or its children
 
 import pytest
 import torch
@@ -27,6 +47,36 @@ import torch
 torch.set_num_threads(2)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CUDA_PRESENT = torch.cuda.is_available()  # the real answer, read before any test pins the device
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; runs on it where one is present, skipped "
+                                       "(saying why) elsewhere; every other test is pinned to the CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA_PRESENT or TEST_DEVICE == "cuda":
+        return
+    why = ("ALIGNPIPE_TEST_DEVICE=cpu hides CUDA" if TEST_DEVICE == "cpu"
+           else "no CUDA device (torch.cuda.is_available() is False)")
+    skip = pytest.mark.skip(reason=f"gpu test: {why}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def pinned_device(request, monkeypatch) -> str:
+    """'cuda' for a `gpu` test, else 'cpu' with CUDA hidden from the test and from the processes it starts."""
+    if request.node.get_closest_marker("gpu") is not None:
+        if not CUDA_PRESENT:
+            pytest.fail("gpu test: ALIGNPIPE_TEST_DEVICE=cuda but no CUDA device is present")
+        return "cuda"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    if CUDA_PRESENT:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return "cpu"
 
 
 @pytest.fixture(scope="session")
