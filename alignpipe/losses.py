@@ -1,18 +1,19 @@
 """Alignment losses as pure functions of per-example (summed) log-probabilities, plus one registry table.
 
 Every loss has the signature ``fn(x: LossInputs, *, <hparams with paper names and defaults>)`` and returns
-``(scalar_loss, metrics)``; ``metrics`` holds detached scalar tensors (always ``"loss"``).
+``(weighted_loss_sum, metrics)``; ``metrics`` holds detached scalar tensors (always ``"loss"``).
 
-Weighting rule (shared by every loss, implemented once in :func:`weighted_mean`):
-    each loss computes a per-example loss ``l_i`` of shape (B,) and returns
+Weighting rule (shared by every loss, implemented once in :func:`_result`): each loss computes a
+per-example loss ``l_i`` of shape (B,) and returns the weighted SUM
 
-        L = sum_i w_i * l_i / max(sum_i w_i, tiny)
+    S = sum_i w_i * l_i          (rows with w_i = 0 contribute exactly 0, even where l_i is inf/nan)
 
-    where ``tiny`` only turns 0/0 into 0 when every weight is 0 (then L = 0). Consequently a row with
-    weight 0 is the same as an absent row, a row with weight 2 is the same (value and gradient) as the row
-    written twice with weight 1, and scaling all weights by a constant changes nothing. Batch statistics used
-    inside a loss (KTO's reference point z0) and all metrics are *weighted* means too, so the same
-    equivalences hold for them.
+and ``metrics["loss"] = S / sum_i w_i``, the weighted mean (0 when every weight is 0). The denominator of
+the training objective is the trainer's (``alignpipe.trainer``: the dataset's mean weight times the nominal
+examples per step by default, or the step's own total weight). So a row with weight 0 is the same as an
+absent row and a row with weight 2 the same (value and gradient) as the row written twice with weight 1;
+scaling all weights by c scales S by c and leaves the metrics unchanged. Batch statistics used inside a
+loss (KTO's reference point z0) and all metrics are *weighted* means, so the same equivalences hold for them.
 
 Conventions: response 1 is the chosen / preferred / only response; ``logp`` are sums over response tokens;
 ``h = beta * [(logp1 - ref_logp1) - (logp2 - ref_logp2)]`` is the DPO implicit-reward margin.
@@ -76,13 +77,23 @@ class LossSpec:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def weighted_mean(per_example: Tensor, weight: Tensor) -> Tensor:
-    """sum_i w_i * l_i / sum_i w_i  (0 when all weights are 0). Shapes: (B,), (B,) -> scalar.
-
-    Rows with w_i == 0 contribute exactly 0 even if their l_i is inf/nan."""
+def weighted_sum(per_example: Tensor, weight: Tensor) -> Tensor:
+    """sum_i w_i * l_i. Shapes: (B,), (B,) -> scalar. Rows with w_i == 0 contribute exactly 0 even if their
+    l_i is inf/nan."""
     w = weight.to(per_example.dtype)
-    num = (w * torch.where(w > 0, per_example, torch.zeros_like(per_example))).sum()
-    return num / w.sum().clamp_min(torch.finfo(per_example.dtype).tiny)
+    return (w * torch.where(w > 0, per_example, torch.zeros_like(per_example))).sum()
+
+
+def weighted_mean(per_example: Tensor, weight: Tensor) -> Tensor:
+    """sum_i w_i * l_i / sum_i w_i  (0 when all weights are 0). Shapes: (B,), (B,) -> scalar."""
+    w = weight.to(per_example.dtype)
+    return weighted_sum(per_example, w) / w.sum().clamp_min(torch.finfo(per_example.dtype).tiny)
+
+
+def _result(per_example: Tensor, x: LossInputs, metrics: dict) -> tuple[Tensor, dict[str, Tensor]]:
+    """(sum_i w_i l_i, metrics + {"loss": weighted mean of l_i}): what every loss returns."""
+    loss = weighted_sum(per_example, x.weight)
+    return loss, {"loss": weighted_mean(per_example.detach(), x.weight), **metrics}
 
 
 def _need(x: LossInputs, loss: str, *fields: str) -> list[Tensor]:
@@ -98,11 +109,10 @@ def _log_ratios(x: LossInputs, loss: str) -> tuple[Tensor, Tensor]:
     return logp1 - ref1, logp2 - ref2
 
 
-def _pair_metrics(x: LossInputs, loss: Tensor, r1: Tensor, r2: Tensor, **extra: Tensor) -> dict[str, Tensor]:
+def _pair_metrics(x: LossInputs, r1: Tensor, r2: Tensor, **extra: Tensor) -> dict[str, Tensor]:
     """Detached metrics for pairwise losses; r1/r2 are the loss's (implicit) rewards, shape (B,)."""
     w, r1, r2 = x.weight, r1.detach(), r2.detach()
     m = {
-        "loss": loss.detach(),
         "rewards/chosen": weighted_mean(r1, w),
         "rewards/rejected": weighted_mean(r2, w),
         "rewards/margin": weighted_mean(r1 - r2, w),
@@ -118,9 +128,8 @@ def _pair_metrics(x: LossInputs, loss: Tensor, r1: Tensor, r2: Tensor, **extra: 
 def _dpo_family(x: LossInputs, loss_name: str, beta: float, per_example_of_h: Callable[[Tensor], Tensor]):
     """Shared body of dpo / cdpo / robust-dpo: l_i = f(h_i) with h = beta * (lr1 - lr2)."""
     lr1, lr2 = _log_ratios(x, loss_name)
-    loss = weighted_mean(per_example_of_h(beta * (lr1 - lr2)), x.weight)
     kl = weighted_mean(((lr1 + lr2) / 2).detach(), x.weight)
-    return loss, _pair_metrics(x, loss, beta * lr1, beta * lr2, kl=kl)
+    return _result(per_example_of_h(beta * (lr1 - lr2)), x, _pair_metrics(x, beta * lr1, beta * lr2, kl=kl))
 
 
 def _log1mexp(a: Tensor) -> Tensor:
@@ -135,9 +144,7 @@ def sft_loss(x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
 
     l_i = -logp1_i / len1_i.  Shapes: logp1, len1, weight (B,) -> scalar.
     """
-    nll = -x.logp1 / x.len1
-    loss = weighted_mean(nll, x.weight)
-    return loss, {"loss": loss.detach(), "logps/chosen": weighted_mean(x.logp1.detach(), x.weight)}
+    return _result(-x.logp1 / x.len1, x, {"logps/chosen": weighted_mean(x.logp1.detach(), x.weight)})
 
 
 def reward_loss(x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
@@ -147,8 +154,7 @@ def reward_loss(x: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
     """
     r1, r2 = _need(x, "reward", "logp1", "logp2")
     m = x.margin if x.margin is not None else torch.zeros_like(r1)
-    loss = weighted_mean(-F.logsigmoid(r1 - r2 - m), x.weight)
-    return loss, _pair_metrics(x, loss, r1, r2)
+    return _result(-F.logsigmoid(r1 - r2 - m), x, _pair_metrics(x, r1, r2))
 
 
 def dpo_loss(x: LossInputs, *, beta: float = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
@@ -196,8 +202,8 @@ def ipo_loss(x: LossInputs, *, tau: float = 0.1, length_normalize: bool = False)
     lr1, lr2 = _log_ratios(x, "ipo")
     if length_normalize:
         lr1, lr2 = lr1 / x.len1, lr2 / _need(x, "ipo", "len2")[0]
-    loss = weighted_mean((lr1 - lr2 - 1 / (2 * tau)) ** 2, x.weight)
-    return loss, _pair_metrics(x, loss, lr1, lr2, kl=weighted_mean(((lr1 + lr2) / 2).detach(), x.weight))
+    kl = weighted_mean(((lr1 + lr2) / 2).detach(), x.weight)
+    return _result((lr1 - lr2 - 1 / (2 * tau)) ** 2, x, _pair_metrics(x, lr1, lr2, kl=kl))
 
 
 def slic_loss(x: LossInputs, *, delta: float = 1.0, lam: float = 0.1):
@@ -208,8 +214,7 @@ def slic_loss(x: LossInputs, *, delta: float = 1.0, lam: float = 0.1):
     """
     logp1, logp2, len2 = _need(x, "slic", "logp1", "logp2", "len2")
     per = torch.clamp_min(delta - (logp1 - logp2), 0.0) + lam * (-logp1 / x.len1)
-    loss = weighted_mean(per, x.weight)
-    return loss, _pair_metrics(x, loss, logp1 / x.len1, logp2 / len2)
+    return _result(per, x, _pair_metrics(x, logp1 / x.len1, logp2 / len2))
 
 
 def kto_loss(
@@ -235,15 +240,13 @@ def kto_loss(
         desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))),
     )
-    loss = weighted_mean(per, x.weight)
     w, br = x.weight, (beta * r).detach()
-    return loss, {
-        "loss": loss.detach(),
+    return _result(per, x, {
         "kl": z0.detach(),
         "rewards/chosen": weighted_mean(br, w * label),  # mean implicit reward of desirable rows
         "rewards/rejected": weighted_mean(br, w * ~label),  # ... of undesirable rows
         "logps/chosen": weighted_mean(logp1.detach(), w),
-    }
+    })
 
 
 def simpo_loss(x: LossInputs, *, beta: float = 2.0, gamma: float = 0.5):
@@ -254,8 +257,7 @@ def simpo_loss(x: LossInputs, *, beta: float = 2.0, gamma: float = 0.5):
     """
     logp1, logp2, len2 = _need(x, "simpo", "logp1", "logp2", "len2")
     r1, r2 = beta * logp1 / x.len1, beta * logp2 / len2
-    loss = weighted_mean(-F.logsigmoid(r1 - r2 - gamma), x.weight)
-    return loss, _pair_metrics(x, loss, r1, r2)
+    return _result(-F.logsigmoid(r1 - r2 - gamma), x, _pair_metrics(x, r1, r2))
 
 
 def orpo_loss(x: LossInputs, *, lam: float = 0.1):
@@ -267,8 +269,8 @@ def orpo_loss(x: LossInputs, *, lam: float = 0.1):
     logp1, logp2, len2 = _need(x, "orpo", "logp1", "logp2", "len2")
     a1, a2 = logp1 / x.len1, logp2 / len2
     log_or = (a1 - _log1mexp(a1)) - (a2 - _log1mexp(a2))
-    loss = weighted_mean(-a1 + lam * -F.logsigmoid(log_or), x.weight)
-    return loss, _pair_metrics(x, loss, a1, a2, log_odds_ratio=weighted_mean(log_or.detach(), x.weight))
+    extra = {"log_odds_ratio": weighted_mean(log_or.detach(), x.weight)}
+    return _result(-a1 + lam * -F.logsigmoid(log_or), x, _pair_metrics(x, a1, a2, **extra))
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -13,6 +13,7 @@ the shared-prompt layout (`alignpipe.logprobs.collate_shared`): the prompt once,
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,7 @@ class Batch:
     num_examples: int = 0  # real examples (weight-0 padding of an empty rank slice excluded)
     num_tokens: int = 0  # non-pad tokens in the forward
     shared: dict | None = None  # pairwise: the same sequences as prompt once + 2B answers (collate_shared)
+    weight_sum: float = 0.0  # sum of `weight`, as a Python number (no host read in the step)
 
     @property
     def paired(self) -> bool:
@@ -179,9 +181,11 @@ def collate_group(group: dict[str, list], task: str, pad_id: int, device, real: 
     def f32(values):
         return torch.tensor(values, dtype=torch.float32, device=device)
 
-    batch = Batch(t["input_ids"], t["attention_mask"], t["response_mask"], f32(example_weights(group, task)),
+    weights = example_weights(group, task)
+    batch = Batch(t["input_ids"], t["attention_mask"], t["response_mask"], f32(weights),
                   num_examples=len(group["example_id"]) if real else 0,
-                  num_tokens=int(t["attention_mask"].sum()), shared=shared)
+                  num_tokens=sum(map(len, prompts)) + sum(map(len, responses)), shared=shared,
+                  weight_sum=math.fsum(weights))
     if task == "pointwise":
         batch.label = torch.tensor(group["response1_label"], dtype=torch.bool, device=device)
     if task == "reward":
@@ -193,17 +197,47 @@ def collate_group(group: dict[str, list], task: str, pad_id: int, device, real: 
     return batch
 
 
+@dataclass
+class Step:
+    """This rank's micro-batches of one optimisation step and the step's GLOBAL totals (Python numbers:
+    every rank reads the whole global batch, so none of these needs a device read or a collective)."""
+
+    micro: list[Batch]
+    weight: float  # W: the sum of the example weights of the whole step
+    examples: int
+    tokens: int  # non-pad tokens of the whole step
+
+
+def _tokens(group: dict[str, list], task: str) -> int:
+    prompt = sum(map(len, group["prompt_input_ids"]))
+    if task in PAIRED:
+        return 2 * prompt + sum(map(len, group["response1_input_ids"])) + sum(map(len, group["response2_input_ids"]))
+    return prompt + sum(map(len, group["response1_input_ids"]))
+
+
 def micro_batches(ds, groups: list[tuple[int, list[int]]], task: str, stored_reference: bool, pad_id: int,
-                  device, rank: int = 0, world: int = 1) -> tuple[list[Batch], float, int]:
-    """This rank's micro-batches of one optimisation step, the step's GLOBAL weight sum and example count."""
-    out, total_w, total_n = [], 0.0, 0
+                  device, rank: int = 0, world: int = 1) -> Step:
+    """This rank's micro-batches of one optimisation step, with the step's global totals."""
+    out, weights, examples, tokens = [], [], 0, 0
     for _, rows in groups:
         group = read_group(ds, rows, task, stored_reference)
-        total_w += sum(example_weights(group, task))
-        total_n += len(rows)
+        weights += example_weights(group, task)
+        examples, tokens = examples + len(rows), tokens + _tokens(group, task)
         part = rank_slice(group, rank, world)
         out.append(collate_group(part, task, pad_id, device, real=rank < len(rows)))
-    return out, total_w, total_n
+    return Step(out, math.fsum(weights), examples, tokens)
+
+
+def dataset_scale(ds, task: str, steps_per_epoch: int) -> float:
+    """D of the 'dataset' weight normalisation: the nominal examples per step (N / steps per epoch) times the
+    mean example weight over the dataset, i.e. the total example weight divided by the steps per epoch."""
+    import numpy as np
+
+    table = _arrow(ds.select_columns(["response1_weight"] + (["response2_weight"] if task in PAIRED else [])))
+    w = table["response1_weight"].to_numpy(zero_copy_only=False).astype(np.float64)
+    if task in PAIRED:
+        w = (w + table["response2_weight"].to_numpy(zero_copy_only=False).astype(np.float64)) / 2
+    return math.fsum(w.tolist()) / max(1, steps_per_epoch)
 
 
 @dataclass

@@ -3,15 +3,38 @@
 A step: forward (chosen and rejected concatenated), reference log-probs, loss from `alignpipe.losses`,
 backward, gradient clipping, AdamW, schedule, metrics. Not a `transformers.Trainer`.
 
-Weighted normalisation across micro-batches and processes. A loss returns, for micro-batch m,
-L_m = sum_{i in m} w_i l_i / W_m with W_m = sum_{i in m} w_i. A step covers micro-batches 1..k
-(k = --grad-accum stored batches) on each of P processes, and its objective is L = sum_i w_i l_i / W over
-all of them (W the step's total weight, known to every rank since each reads the whole global batch). So
-each micro-batch is back-propagated as (W_m / W) * L_m, times P because DDP (and FSDP) average gradients
-over processes: the all-reduced gradient is exactly grad L, what one process gets from the whole step as
-one micro-batch. Weight 0 = absent row and weight 2 = duplicated row therefore hold for whole steps too.
-Metrics are combined the same way (sum of (W_m / W) * metric_m). Batch statistics inside a loss (KTO's
-reference point z0) are per stored batch, all-reduced over the processes.
+What a weight means (`--weight-normalization`). A loss returns, for micro-batch m, the weighted SUM
+S_m = sum_{i in m} w_i l_i (`alignpipe.losses`). A step covers micro-batches 1..k (k = --grad-accum stored
+batches) on each of P processes, and its objective is L = sum_{i in step} w_i l_i / D, where
+
+    dataset (default)  D = n_bar * w_bar = (sum of every example weight of the batches) / (steps per epoch):
+                       the nominal examples per step (N / steps per epoch) times the mean example weight over
+                       the whole training dataset, computed once from the batches (`train_data.dataset_scale`).
+                       D is the same for every step, so an example of weight w counts w times wherever it
+                       lands: halving every weight of one batch halves that step's update; a step of near-ties
+                       weighted 0.05 moves the model 60 times less than one of sure pairs weighted 3.
+    step               D = W = the step's own total weight (the rule before 0.3): each step is a weighted mean,
+                       so scaling every weight of a step changes nothing; weights only matter within a step.
+
+Exactly what holds, for gradients at fixed parameters (the first-order effect of training):
+    weight 0 == absent      both rules, step by step: a weight-0 example adds nothing to S_m, to W or to the
+                            dataset's total weight (D = total weight / steps does not depend on N).
+    weight 2 == written twice
+                            dataset: over an epoch, wherever the copy lands (same batch or another one): the
+                            sum of the step gradients is grad sum_i w_i l_i / D, with the same D for both
+                            datasets (same total weight, same number of steps); step by step when the copy
+                            is in the same step.
+                            step: only when the copy lands in the same step (then W is the same); in another
+                            step the copy is divided by that step's total weight instead, so the epoch's
+                            gradients differ in general.
+Each micro-batch is back-propagated as S_m * P / D: DDP (and FSDP) average gradients over processes, so the
+all-reduced gradient is exactly grad L, what one process gets from the whole step as one micro-batch (W and
+D are known to every rank, which reads the whole global batch). Metrics are weighted means over the step
+whatever the rule (sum of (W_m / W) * metric_m, W_m this rank's weight in micro-batch m). Batch statistics
+inside a loss (KTO's reference point z0) are per stored batch, all-reduced over the processes.
+
+Host reads: a step reads the device once, for its logged metrics and the gradient norm together (the
+divergence check uses the same numbers); weights, counts and D are Python numbers from the batch lists.
 
 Several processes: plain `torch.distributed` (gloo on CPU, NCCL on GPUs) from the RANK / WORLD_SIZE /
 LOCAL_RANK variables that `torchrun` and `accelerate launch` set; no `Accelerator` object, so loss scaling
@@ -32,6 +55,8 @@ from alignpipe.checkpoint import is_peft
 from alignpipe.errors import UserError
 
 SCHEDULERS = ("cosine", "linear", "constant")
+# the denominator D of a step's objective sum_i w_i l_i / D, from (dataset scale, the step's total weight)
+WEIGHT_NORMALIZATIONS = {"dataset": lambda scale, step_weight: scale, "step": lambda scale, step_weight: step_weight}
 SHARDING = ("auto", "none", "grad-op", "full")
 
 
@@ -106,6 +131,23 @@ def init_distributed(device: str = "auto", sharding: str = "auto") -> Dist:
 
 
 # ------------------------------------------------------------------------------------------- the run
+@dataclass(frozen=True)
+class Normalization:
+    """The denominator of a step's objective (module docstring): rule 'dataset' (D = `scale`, the nominal
+    examples per step times the dataset's mean example weight) or 'step' (D = the step's total weight)."""
+
+    rule: str = "dataset"
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.rule not in WEIGHT_NORMALIZATIONS:
+            raise UserError(f"--weight-normalization '{self.rule}': unknown (known: "
+                            f"{', '.join(WEIGHT_NORMALIZATIONS)})")
+
+    def denominator(self, step_weight: float) -> float:
+        return WEIGHT_NORMALIZATIONS[self.rule](self.scale, step_weight)
+
+
 @dataclass
 class Reference:
     """Where reference log-probs come from: 'stored' (batch columns), 'model' (a frozen model), 'adapter'
@@ -127,6 +169,7 @@ class Run:
     hparams: dict
     pad_id: int
     dist: Dist
+    normalization: Normalization
     dtype: str = "float32"
     max_grad_norm: float = 1.0
 
@@ -175,8 +218,8 @@ def build_scheduler(optimizer, kind: str, warmup: int, total: int):
 
 
 def prepare(module, *, reference: Reference, task: str, loss: str, hparams: dict, pad_id: int, dist: Dist,
-            lr: float, weight_decay: float, scheduler: str, warmup_steps: int, total_steps: int,
-            dtype: str = "float32", max_grad_norm: float = 1.0) -> Run:
+            normalization: Normalization, lr: float, weight_decay: float, scheduler: str, warmup_steps: int,
+            total_steps: int, dtype: str = "float32", max_grad_norm: float = 1.0) -> Run:
     """Move the policy to its device, wrap it (DDP) or shard it (FSDP2), build optimizer and schedule."""
     module.to(dist.device).train()
     if reference.model is not None:
@@ -191,8 +234,8 @@ def prepare(module, *, reference: Reference, task: str, loss: str, hparams: dict
         model = DistributedDataParallel(module, device_ids=ids)
     optimizer = build_optimizer(module, lr, weight_decay, fused=not dist.sharded)
     sched = build_scheduler(optimizer, scheduler, warmup_steps, total_steps)
-    return Run(model, module, optimizer, sched, reference, task, loss, hparams, pad_id, dist, dtype,
-               max_grad_norm)
+    return Run(model, module, optimizer, sched, reference, task, loss, hparams, pad_id, dist, normalization,
+               dtype, max_grad_norm)
 
 
 def shard(module, reshard_after_forward: bool):
@@ -309,7 +352,7 @@ def _global_reference_point(run: Run, batch, logp1, ref1):
     w = batch.weight.double()
     r = torch.where(w > 0, (logp1.detach() - ref1).double(), torch.zeros_like(w))
     sums = run.dist.all_reduce(torch.stack([(w * r).sum(), w.sum()]))
-    return float(sums[0] / sums[1].clamp_min(1e-300))
+    return (sums[0] / sums[1].clamp_min(1e-300)).to(logp1.dtype)  # a device scalar: no host read
 
 
 def loss_inputs(run: Run, batch, values, lengths, refs):
@@ -324,41 +367,43 @@ def loss_inputs(run: Run, batch, values, lengths, refs):
         x.logp2, x.len2 = values[b:], lengths[b:]
     if run.task == "pointwise" and run.dist.world > 1 and refs[0] is not None:
         z0 = _global_reference_point(run, batch, x.logp1, refs[0])  # passed as a ready KL estimate
-        x.kl_logp, x.ref_kl_logp = torch.full_like(x.logp1, z0), torch.zeros_like(x.logp1)
+        x.kl_logp, x.ref_kl_logp = z0.expand_as(x.logp1), torch.zeros_like(x.logp1)
     return x
 
 
 # --------------------------------------------------------------------------------------------- a step
-def accumulate_gradients(run: Run, micro: list, total_weight: float) -> dict:
-    """Forward + backward of this rank's micro-batches; returns the step's global metrics (all-reduced)."""
+def accumulate_gradients(run: Run, step) -> tuple[list[str], object]:
+    """Forward + backward of this rank's micro-batches of `step` (a `train_data.Step`); returns the metric
+    names and their values over the whole step as one float64 device tensor (all-reduced, not read)."""
     import torch
 
     from alignpipe.losses import compute_loss
 
+    denominator = run.normalization.denominator(step.weight)
+    scale = run.dist.world / denominator if denominator > 0 else 0.0
     sums: dict = {}
-    examples = tokens = 0
-    for i, batch in enumerate(micro):
-        share = float(batch.weight.sum()) / total_weight if total_weight > 0 else 0.0
-        with no_sync(run, sync=i == len(micro) - 1):
+    for i, batch in enumerate(step.micro):
+        share = batch.weight_sum / step.weight if step.weight > 0 else 0.0
+        with no_sync(run, sync=i == len(step.micro) - 1):
             values, lengths = policy_outputs(run, batch)
             x = loss_inputs(run, batch, values, lengths, reference_logps(run, batch))
             loss, metrics = compute_loss(run.loss, x, **run.hparams)
-            (loss * (share * run.dist.world)).backward()
+            (loss * scale).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.double() * share
-        examples, tokens = examples + batch.num_examples, tokens + batch.num_tokens
     keys = sorted(sums)
-    flat = torch.tensor([float(sums[k]) for k in keys] + [examples, tokens], dtype=torch.float64)
-    flat = run.dist.all_reduce(flat.to(run.dist.device)).cpu().tolist()
-    return {**dict(zip(keys, flat[:-2])), "examples": int(flat[-2]), "tokens": int(flat[-1])}
+    return keys, run.dist.all_reduce(torch.stack([torch.as_tensor(sums[k]) for k in keys]))
 
 
-def optimizer_step(run: Run, metrics: dict, step: int) -> dict:
-    """Clip, check for divergence, AdamW step, schedule step. Adds grad_norm and lr to `metrics`."""
+def optimizer_step(run: Run, keys: list[str], values, step: int) -> dict:
+    """Clip, read the metrics and the gradient norm in ONE host read, check for divergence, AdamW step,
+    schedule step. Returns the metrics with grad_norm and lr."""
     import torch
 
     max_norm = run.max_grad_norm if run.max_grad_norm and run.max_grad_norm > 0 else math.inf
-    norm = float(torch.nn.utils.clip_grad_norm_(trainable(run.module), max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(trainable(run.module), max_norm)
+    read = torch.cat([values, norm.detach().reshape(1).to(values)]).tolist()  # the step's only host read
+    metrics, norm = dict(zip(keys, read[:-1])), read[-1]
     for name, value in (("loss", metrics["loss"]), ("gradient norm", norm)):
         if not math.isfinite(value):
             raise TrainingDiverged(f"{name} is {value} at step {step}")
@@ -376,12 +421,12 @@ def train_step(run: Run, ds, groups: list, stored_reference: bool, step: int) ->
 
     start = time.perf_counter()
     d = run.dist
-    micro, total_weight, _ = micro_batches(ds, groups, run.task, stored_reference, run.pad_id, d.device,
-                                           d.rank, d.world)
-    metrics = optimizer_step(run, accumulate_gradients(run, micro, total_weight), step)
+    data = micro_batches(ds, groups, run.task, stored_reference, run.pad_id, d.device, d.rank, d.world)
+    metrics = optimizer_step(run, *accumulate_gradients(run, data), step)
     seconds = time.perf_counter() - start
-    return {"step": step, "epoch": 0.0, "batch_index": groups[0][0], **metrics, "seconds": seconds,
-            "tokens/s": metrics["tokens"] / seconds, "examples/s": metrics["examples"] / seconds}
+    return {"step": step, "epoch": 0.0, "batch_index": groups[0][0], **metrics, "examples": data.examples,
+            "tokens": data.tokens, "seconds": seconds, "tokens/s": data.tokens / seconds,
+            "examples/s": data.examples / seconds}
 
 
 def fit(run: Run, ds, batch_groups: list, plan, *, start_step: int = 0, log=None, partial=None,

@@ -160,6 +160,10 @@ def command(
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
     grad_accum: Annotated[int, typer.Option(help="Stored batches per optimisation step.")] = 1,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: no clipping).")] = 1.0,
+    weight_normalization: Annotated[str, typer.Option(help="dataset: a step's loss is sum w*l / (nominal examples "
+                                                           "per step x the dataset's mean weight), so a weight "
+                                                           "counts the same in every step | step: sum w*l / the "
+                                                           "step's total weight.")] = "dataset",
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 (autocast, float32 master weights; the "
                                             "output is saved in this dtype).")] = "float32",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.")] = False,
@@ -221,7 +225,8 @@ def command(
     td.check_rows(ds, spec.task, str(batches), vocab, stored_reference=ref.kind == "stored")
     groups = td.batch_groups(ds)
     plan = td.Plan(len(groups), grad_accum, epochs, max_steps)
-    run = tr.prepare(module, reference=ref, task=spec.task, loss=loss, hparams=hparams, dist=dist,
+    norm = tr.Normalization(weight_normalization, td.dataset_scale(ds, spec.task, plan.steps_per_epoch))
+    run = tr.prepare(module, reference=ref, task=spec.task, loss=loss, hparams=hparams, dist=dist, normalization=norm,
                      pad_id=tokenizer.pad_token_id, lr=lr, weight_decay=weight_decay, scheduler=scheduler,
                      warmup_steps=warmup_steps, total_steps=plan.total_steps, dtype=dtype,
                      max_grad_norm=max_grad_norm)
@@ -244,6 +249,7 @@ def command(
         final = tr.unsharded(run, lambda: load()[0])
         if log is not None:
             report = {"loss": loss, "task": spec.task, "hyperparameters": hparams, "reference": ref.kind,
+                      "weight_normalization": norm.rule, "dataset_scale": norm.scale,
                       "processes": dist.world, "device": dist.device, "sharding": dist.sharding,
                       "save_every": save_every, "resumed_from_step": start or None}
             _finish(so, log, report, lambda folder: ck.save_policy(

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from alignpipe.losses import LOSSES, LossInputs, compute_loss, hyperparameters, weighted_mean
+from alignpipe.losses import LOSSES, LossInputs, compute_loss, hyperparameters, weighted_mean, weighted_sum
 
 D = torch.float64
 
@@ -38,22 +38,24 @@ PAIR = {"logp1": T(-1, -3), "len1": T(2, 1), "logp2": T(-4, -2), "len2": T(1, 2)
 def test_sft_by_hand():
     x = LossInputs(logp1=T(-2, -6), len1=T(2, 3), weight=T(1, 3))
     loss, m = compute_loss("sft", x)
-    assert close(loss, (1 * 1.0 + 3 * 2.0) / 4)  # per-token NLL 2/2 = 1 and 6/3 = 2
+    assert close(loss, 1 * 1.0 + 3 * 2.0)  # per-token NLL 2/2 = 1 and 6/3 = 2: the weighted sum
+    assert close(m["loss"], (1 * 1.0 + 3 * 2.0) / 4)  # the weighted mean
     assert close(m["logps/chosen"], (-2 - 18) / 4)
 
 
 def test_reward_by_hand_with_and_without_margin():
     base = {"logp1": T(1.0, 0.5), "logp2": T(0.0, 1.0), "len1": T(1, 1), "weight": T(2, 1)}
     loss, m = compute_loss("reward", LossInputs(**base))
-    assert close(loss, (2 * sp(-1.0) + sp(0.5)) / 3)
+    assert close(loss, 2 * sp(-1.0) + sp(0.5)) and close(m["loss"], (2 * sp(-1.0) + sp(0.5)) / 3)
     assert close(m["rewards/accuracy"], 2 / 3)
-    loss, _ = compute_loss("reward", LossInputs(**base, margin=T(0.5, 0.0)))
-    assert close(loss, (2 * sp(-0.5) + sp(0.5)) / 3)  # -log sigmoid(1 - 0 - 0.5), -log sigmoid(0.5 - 1 - 0)
+    loss, m = compute_loss("reward", LossInputs(**base, margin=T(0.5, 0.0)))
+    assert close(loss, 2 * sp(-0.5) + sp(0.5))  # -log sigmoid(1 - 0 - 0.5), -log sigmoid(0.5 - 1 - 0)
+    assert close(m["loss"], (2 * sp(-0.5) + sp(0.5)) / 3)
 
 
 def test_dpo_by_hand():
     loss, m = compute_loss("dpo", LossInputs(**PAIR), beta=0.5)  # h = 0.5 * [2, -2] = [1, -1]
-    assert close(loss, (sp(-1.0) + 3 * sp(1.0)) / 4)
+    assert close(loss, sp(-1.0) + 3 * sp(1.0)) and close(m["loss"], (sp(-1.0) + 3 * sp(1.0)) / 4)
     assert close(m["rewards/chosen"], (0.5 * 1 + 3 * 0.5 * -1) / 4)
     assert close(m["rewards/rejected"], (0.5 * -1 + 3 * 0.5 * 1) / 4)
     assert close(m["rewards/margin"], (1 - 3) / 4)
@@ -65,32 +67,33 @@ def test_dpo_by_hand():
 def test_cdpo_by_hand():
     def per(h):
         return 0.8 * sp(-h) + 0.2 * sp(h)
-    loss, _ = compute_loss("cdpo", LossInputs(**PAIR), beta=0.5, label_smoothing=0.2)
-    assert close(loss, (per(1.0) + 3 * per(-1.0)) / 4)
+    loss, m = compute_loss("cdpo", LossInputs(**PAIR), beta=0.5, label_smoothing=0.2)
+    assert close(loss, per(1.0) + 3 * per(-1.0)) and close(m["loss"], (per(1.0) + 3 * per(-1.0)) / 4)
 
 
 def test_robust_dpo_by_hand():
     def per(h):
         return (0.8 * sp(-h) - 0.2 * sp(h)) / (1 - 2 * 0.2)
-    loss, _ = compute_loss("robust-dpo", LossInputs(**PAIR), beta=0.5, label_smoothing=0.2)
-    assert close(loss, (per(1.0) + 3 * per(-1.0)) / 4)
+    loss, m = compute_loss("robust-dpo", LossInputs(**PAIR), beta=0.5, label_smoothing=0.2)
+    assert close(loss, per(1.0) + 3 * per(-1.0)) and close(m["loss"], (per(1.0) + 3 * per(-1.0)) / 4)
     with pytest.raises(ValueError):
         compute_loss("robust-dpo", LossInputs(**PAIR), label_smoothing=0.5)
 
 
 def test_ipo_by_hand_sum_and_length_normalized():
-    loss, _ = compute_loss("ipo", LossInputs(**PAIR), tau=0.25)  # target 1/(2 tau) = 2; h = [2, -2]
-    assert close(loss, (1 * (2 - 2) ** 2 + 3 * (-2 - 2) ** 2) / 4)
+    loss, m = compute_loss("ipo", LossInputs(**PAIR), tau=0.25)  # target 1/(2 tau) = 2; h = [2, -2]
+    assert close(loss, 1 * (2 - 2) ** 2 + 3 * (-2 - 2) ** 2) and close(m["loss"], (0 + 3 * 16) / 4)
     # per-token: h = [1/2 - (-1)/1, (-1)/1 - 1/2] = [1.5, -1.5]
-    loss, _ = compute_loss("ipo", LossInputs(**PAIR), tau=0.25, length_normalize=True)
-    assert close(loss, (1 * (1.5 - 2) ** 2 + 3 * (-1.5 - 2) ** 2) / 4)
+    loss, m = compute_loss("ipo", LossInputs(**PAIR), tau=0.25, length_normalize=True)
+    assert close(loss, 1 * (1.5 - 2) ** 2 + 3 * (-1.5 - 2) ** 2)
+    assert close(m["loss"], (0.25 + 3 * 12.25) / 4)
 
 
 def test_slic_by_hand():
     loss, m = compute_loss("slic", LossInputs(**PAIR), delta=1.0, lam=0.5)
     l0 = max(0.0, 1.0 - (-1 - -4)) + 0.5 * (1 / 2)  # hinge 0, NLL 0.5
     l1 = max(0.0, 1.0 - (-3 - -2)) + 0.5 * (3 / 1)  # hinge 2, NLL 3
-    assert close(loss, (l0 + 3 * l1) / 4)
+    assert close(loss, l0 + 3 * l1) and close(m["loss"], (l0 + 3 * l1) / 4)
     assert close(m["rewards/accuracy"], 1 / 4)  # logp/len: -0.5 > -4 yes, -3 > -1 no
 
 
@@ -101,30 +104,32 @@ def test_kto_by_hand():
     hp = {"beta": 0.5, "desirable_weight": 1.0, "undesirable_weight": 2.0}
     loss, m = compute_loss("kto", LossInputs(**base), **hp)
     per = [1 - sig(0.5 * (2 - z0)), 2 * (1 - sig(0.5 * (z0 - 0))), 1 - sig(0.5 * (-2 - z0))]
-    assert close(loss, (2 * per[0] + per[1] + per[2]) / 4)
+    assert close(loss, 2 * per[0] + per[1] + per[2])
+    assert close(m["loss"], (2 * per[0] + per[1] + per[2]) / 4)
     assert close(m["kl"], z0)
     # KL from mismatched pairs: weighted mean of [-1, 1, 0] = -0.25 -> clamped to z0 = 0
     kl = {"kl_logp": T(-5, -5, -5), "ref_kl_logp": T(-4, -6, -5)}
     loss, m = compute_loss("kto", LossInputs(**base, **kl), **hp)
     per = [1 - sig(0.5 * 2), 2 * (1 - sig(0.0)), 1 - sig(0.5 * -2)]
-    assert close(loss, (2 * per[0] + per[1] + per[2]) / 4) and close(m["kl"], 0.0)
+    assert close(loss, 2 * per[0] + per[1] + per[2]) and close(m["kl"], 0.0)
+    assert close(m["loss"], (2 * per[0] + per[1] + per[2]) / 4)
 
 
 def test_simpo_by_hand():
     loss, m = compute_loss("simpo", LossInputs(**PAIR), beta=2.0, gamma=0.5)
     z0 = 2 * (-1 / 2) - 2 * (-4 / 1) - 0.5  # 6.5
     z1 = 2 * (-3 / 1) - 2 * (-2 / 2) - 0.5  # -4.5
-    assert close(loss, (sp(-z0) + 3 * sp(-z1)) / 4)
+    assert close(loss, sp(-z0) + 3 * sp(-z1)) and close(m["loss"], (sp(-z0) + 3 * sp(-z1)) / 4)
     assert close(m["rewards/chosen"], (2 * -0.5 + 3 * 2 * -3) / 4)
 
 
 def test_orpo_by_hand():
     def log_odds(a):
         return a - math.log(1 - math.exp(a))
-    loss, _ = compute_loss("orpo", LossInputs(**PAIR), lam=0.5)
+    loss, m = compute_loss("orpo", LossInputs(**PAIR), lam=0.5)
     a1, a2 = [-1 / 2, -3 / 1], [-4 / 1, -2 / 2]
     per = [-a1[i] + 0.5 * sp(-(log_odds(a1[i]) - log_odds(a2[i]))) for i in range(2)]
-    assert close(loss, (per[0] + 3 * per[1]) / 4)
+    assert close(loss, per[0] + 3 * per[1]) and close(m["loss"], (per[0] + 3 * per[1]) / 4)
 
 
 # --------------------------------------------------------------------- paper formulas on random inputs
@@ -148,8 +153,12 @@ def py(t):  # tensors -> python lists, for the independent per-element re-implem
     return {k: v.tolist() for k, v in t.items()}
 
 
+def wsum(vals, w):
+    return sum(a * b for a, b in zip(vals, w, strict=True))
+
+
 def wmean(vals, w):
-    return sum(a * b for a, b in zip(vals, w, strict=True)) / sum(w)
+    return wsum(vals, w) / sum(w)
 
 
 def test_dpo_matches_paper_formula():
@@ -157,7 +166,7 @@ def test_dpo_matches_paper_formula():
     p, beta = py(t), 0.3
     per = [-math.log(sig(beta * ((p["logp1"][i] - p["ref_logp1"][i]) - (p["logp2"][i] - p["ref_logp2"][i]))))
            for i in range(16)]
-    assert close(compute_loss("dpo", LossInputs(**t), beta=beta)[0], wmean(per, p["weight"]), 1e-6)
+    assert close(compute_loss("dpo", LossInputs(**t), beta=beta)[0], wsum(per, p["weight"]), 1e-6)
 
 
 @pytest.mark.parametrize("length_normalize", [False, True])
@@ -168,7 +177,7 @@ def test_ipo_matches_paper_formula(length_normalize):
     per = [((p["logp1"][i] - p["ref_logp1"][i]) / n1[i] - (p["logp2"][i] - p["ref_logp2"][i]) / n2[i]
             - 1 / (2 * tau)) ** 2 for i in range(16)]
     loss, _ = compute_loss("ipo", LossInputs(**t), tau=tau, length_normalize=length_normalize)
-    assert close(loss, wmean(per, p["weight"]), 1e-6)
+    assert close(loss, wsum(per, p["weight"]), 1e-6)
 
 
 @pytest.mark.parametrize("with_kl", [False, True])
@@ -188,10 +197,10 @@ def test_kto_matches_paper_formula(with_kl):
            for i in range(16)]
     hp = {"beta": beta, "desirable_weight": lam_d, "undesirable_weight": lam_u}
     loss, m = compute_loss("kto", LossInputs(**dict(t, logp1=t["logp1"].requires_grad_())), **hp)
-    assert close(loss, wmean(per, p["weight"]), 1e-6) and close(m["kl"], z0, 1e-6)
+    assert close(loss, wsum(per, p["weight"]), 1e-6) and close(m["kl"], z0, 1e-6)
     # z0 is a detached constant: d l_i / d r_i = -lambda_D beta s(1-s) or +lambda_U beta s(1-s)
     s = [sig(beta * (r[i] - z0) if p["label"][i] else beta * (z0 - r[i])) for i in range(16)]
-    grad = [w / sum(p["weight"]) * beta * s[i] * (1 - s[i]) * (-lam_d if p["label"][i] else lam_u)
+    grad = [w * beta * s[i] * (1 - s[i]) * (-lam_d if p["label"][i] else lam_u)
             for i, w in enumerate(p["weight"])]
     g = torch.autograd.grad(loss, [t["logp1"], t["kl_logp"]] if with_kl else [t["logp1"]], allow_unused=True)
     assert torch.allclose(g[0], T(*grad), atol=1e-10) and (not with_kl or g[1] is None or (g[1] == 0).all())
@@ -203,7 +212,7 @@ def test_simpo_matches_paper_formula():
     per = [-math.log(sig(beta / p["len1"][i] * p["logp1"][i] - beta / p["len2"][i] * p["logp2"][i] - gamma))
            for i in range(16)]
     loss, _ = compute_loss("simpo", LossInputs(**t), beta=beta, gamma=gamma)
-    assert close(loss, wmean(per, p["weight"]), 1e-6)
+    assert close(loss, wsum(per, p["weight"]), 1e-6)
 
 
 @pytest.mark.parametrize("name", ["cdpo", "robust-dpo"])
@@ -283,11 +292,13 @@ def test_weight_two_equals_duplicated_row(name, k):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_uniform_weight_scaling_is_invariant(name):
+def test_uniform_weight_scaling_scales_the_sum_and_leaves_metrics(name):
+    """S = sum w l is linear in the weights; the metrics are weighted means, so scale-free."""
     t = rand_fields(B=8, seed=9)
     a = run(name, t)
     b = run(name, t, weight=7.3 * t["weight"])
-    assert same(a[0], b[0]) and same(a[1], b[1])
+    assert same(7.3 * a[0], b[0]) and same(7.3 * a[1], b[1])
+    assert all(same(a[2][key], b[2][key]) for key in a[2])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -343,6 +354,7 @@ def test_compute_loss_filters_hparams(name):
         assert not same(default, compute_loss(name, x, **{k: (not v) if isinstance(v, bool) else v * 0.5})[0])
 
 
-def test_weighted_mean_helper():
+def test_weighted_mean_and_sum_helpers():
     assert close(weighted_mean(T(1.0, 4.0, float("inf")), T(1.0, 2.0, 0.0)), 3.0)
+    assert close(weighted_sum(T(1.0, 4.0, float("inf")), T(1.0, 2.0, 0.0)), 9.0)
     assert weighted_mean(T(1.0, 2.0), T(0.0, 0.0)) == 0

@@ -162,25 +162,28 @@ def test_dpo_on_a_fixed_chosen_answer_raises_reward_accuracy(tmp_path, tiny_lm_d
 
 
 # ------------------------------------------------------------------------- weighted step maths (core)
-def _one_step(model_dir, loss: str, ds, lr: float = 1e-2, grad_accum_groups=None):
-    """Gradients and parameters after one real AdamW step of the trainer core on `ds`."""
+def _one_step(model_dir, loss: str, ds, lr: float = 1e-2, rule: str = "step"):
+    """Gradients and parameters after one real AdamW step of the trainer core on all of `ds` (one step of
+    every stored batch; under the dataset rule D = the dataset's total weight, one step per epoch)."""
     from alignpipe import trainer as tr
     from alignpipe.checkpoint import frozen_copy, load_policy
-    from alignpipe.train_data import batch_groups, micro_batches
+    from alignpipe.train_data import batch_groups, dataset_scale, micro_batches
 
     task = LOSSES[loss].task
     module, tok = load_policy(model_dir, task)
     ref = tr.Reference("model", frozen_copy(module)) if LOSSES[loss].needs_reference else tr.Reference("none")
+    norm = tr.Normalization(rule, dataset_scale(ds, task, 1))
     run = tr.prepare(module, reference=ref, task=task, loss=loss, hparams={}, pad_id=tok.pad_token_id,
-                     dist=tr.Dist(), lr=lr, weight_decay=0.0, scheduler="constant", warmup_steps=0, total_steps=1)
+                     dist=tr.Dist(), normalization=norm, lr=lr, weight_decay=0.0, scheduler="constant",
+                     warmup_steps=0, total_steps=1)
     # Adam's first step is lr * g / (|g| + eps): with the default eps 1e-8 a gradient entry of 1e-10 that
     # float32 rounding flips in sign moves its weight by 2 lr. eps = 1e-3 keeps the step a smooth function of
     # the gradient, so equal gradients give parameters equal to 1e-6 (the gradients are compared as well).
     run.optimizer.param_groups[0]["eps"] = 1e-3
-    micro, total_weight, _ = micro_batches(ds, batch_groups(ds), task, False, tok.pad_token_id, "cpu")
-    metrics = tr.accumulate_gradients(run, micro, total_weight)
+    keys, values = tr.accumulate_gradients(run, micro_batches(ds, batch_groups(ds), task, False, tok.pad_token_id,
+                                                              "cpu"))
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-    tr.optimizer_step(run, metrics, 1)
+    metrics = tr.optimizer_step(run, keys, values, 1)
     return metrics, grads, {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
@@ -192,9 +195,11 @@ def _assert_same(a, b, atol=1e-6):
         torch.testing.assert_close(a[2][n], b[2][n], atol=atol, rtol=1e-4, msg=f"parameter {n}")
 
 
+@pytest.mark.parametrize("rule", ["dataset", "step"])
 @pytest.mark.parametrize("loss", sorted(LOSSES))
-def test_weight_zero_is_absent_and_weight_two_is_duplicated_through_a_step(loss, tiny_lm_dir, tiny_rm_dir):
-    """Rows (x0 w=1, x1 w=0, x2 w=2) == rows (x0, x2, x2) with weight 1: same gradient, same AdamW step."""
+def test_weight_zero_is_absent_and_weight_two_is_duplicated_through_a_step(loss, rule, tiny_lm_dir, tiny_rm_dir):
+    """Rows (x0 w=1, x1 w=0, x2 w=2) == rows (x0, x2, x2) with weight 1 in one step: same gradient, same
+    AdamW step, under both weight normalisations (the copy lands in the same step)."""
     task = LOSSES[loss].task
     model = tiny_rm_dir if task == "reward" else tiny_lm_dir
     ex = task_examples(task, 3)
@@ -203,17 +208,18 @@ def test_weight_zero_is_absent_and_weight_two_is_duplicated_through_a_step(loss,
     for e, w in zip(weighted, (1.0, 0.0, 2.0)):
         e.update({"w1": w, "w2": w} if key is None else {key: w})
     duplicated = [{**ex[0], "batch_index": 0}, {**ex[2], "batch_index": 0}, {**ex[2], "batch_index": 0}]
-    a = _one_step(model, loss, make_batches(task, weighted, tiny_lm_dir))
-    b = _one_step(model, loss, make_batches(task, duplicated, tiny_lm_dir))
+    a = _one_step(model, loss, make_batches(task, weighted, tiny_lm_dir), rule=rule)
+    b = _one_step(model, loss, make_batches(task, duplicated, tiny_lm_dir), rule=rule)
     _assert_same(a, b)
 
 
-def test_grad_accumulation_equals_one_big_batch_with_unequal_weights(tiny_lm_dir):
+@pytest.mark.parametrize("rule", ["dataset", "step"])
+def test_grad_accumulation_equals_one_big_batch_with_unequal_weights(rule, tiny_lm_dir):
     """Two stored batches with weight sums 1 and 5 in one step == the four rows as one batch."""
     ex = [{**e, "w1": w, "w2": w} for e, w in zip(pairs(4), (0.5, 0.5, 4.0, 1.0))]
     one = make_batches("pairwise", [{**e, "batch_index": 0} for e in ex], tiny_lm_dir)
     two = make_batches("pairwise", ex, tiny_lm_dir, batch_size=2)
-    _assert_same(_one_step(tiny_lm_dir, "dpo", one), _one_step(tiny_lm_dir, "dpo", two))
+    _assert_same(_one_step(tiny_lm_dir, "dpo", one, rule=rule), _one_step(tiny_lm_dir, "dpo", two, rule=rule))
 
 
 def test_lr_schedule_numbers():

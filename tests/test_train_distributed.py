@@ -147,10 +147,11 @@ class _Alone:
         return tensor
 
 
+@pytest.mark.parametrize("rule", ["dataset", "step"])
 @pytest.mark.parametrize("batch", [0, 2])  # 3 examples: 2 + 1 per rank; 1 example: rank 1 gets weight-0 padding
-def test_rank_gradients_average_to_the_one_process_gradient(batch, tiny_lm_dir):
-    """The maths without processes: rank r's loss scaled by world * W_r / W; the average over ranks (what
-    DDP's all-reduce computes) equals the one-process gradient."""
+def test_rank_gradients_average_to_the_one_process_gradient(batch, rule, tiny_lm_dir):
+    """The maths without processes: rank r's weighted loss sum scaled by world / D; the average over ranks
+    (what DDP's all-reduce computes) equals the one-process gradient, under either weight normalisation."""
     from alignpipe import trainer as tr
     from alignpipe.checkpoint import frozen_copy, load_policy
     from alignpipe.train_data import batch_groups, micro_batches
@@ -163,10 +164,11 @@ def test_rank_gradients_average_to_the_one_process_gradient(batch, tiny_lm_dir):
         module, tok = load_policy(tiny_lm_dir, "pairwise")
         run = tr.prepare(module, reference=tr.Reference("model", frozen_copy(module)), task="pairwise",
                          loss="dpo", hparams={}, pad_id=tok.pad_token_id, dist=tr.Dist(), lr=1e-2,
-                         weight_decay=0.0, scheduler="constant", warmup_steps=0, total_steps=1)
+                         normalization=tr.Normalization(rule, 2.5), weight_decay=0.0, scheduler="constant",
+                         warmup_steps=0, total_steps=1)
         run.dist = _Alone(rank, world)
-        micro, total, _ = micro_batches(ds, groups, "pairwise", False, tok.pad_token_id, "cpu", rank, world)
-        tr.accumulate_gradients(run, micro, total)
+        tr.accumulate_gradients(run, micro_batches(ds, groups, "pairwise", False, tok.pad_token_id, "cpu", rank,
+                                                   world))
         return {n: p.grad.clone() for n, p in module.named_parameters()}
 
     one, r0, r1 = grads(0, 1), grads(0, 2), grads(1, 2)
