@@ -215,7 +215,7 @@ def _load_reward_policy(path, init_reward_head: bool):
     """A 1-output sequence classifier from a reward-model folder, or from a causal LM with a fresh head."""
     from alignpipe.models import check_model_folder, is_adapter, load_reward_model
 
-    check_model_folder(path, "policy")
+    path = check_model_folder(path, "policy")  # a Hub id: its snapshot folder
     archs = _architectures(path)
     if is_adapter(path):
         raise UserError(f"policy {path}: reward models are trained from full model folders, not adapters")
@@ -284,7 +284,7 @@ def load_policy(path, task: str, *, lora: LoraOptions | None = None, init_reward
     continues iteration k's adapter; `lora`, if given, must then agree with the adapter's rank."""
     from alignpipe.models import check_model_folder, is_adapter, load_causal_lm, load_tokenizer
 
-    check_model_folder(path, "policy")
+    path = check_model_folder(path, "policy")  # a Hub id: its snapshot folder
     tokenizer = load_tokenizer(path)
     if task == "reward":
         model = _load_reward_policy(path, init_reward_head)
@@ -312,7 +312,7 @@ def load_policy(path, task: str, *, lora: LoraOptions | None = None, init_reward
 def save_policy(module, tokenizer, folder, *, base_path=None, merge: bool = False,
                 dtype: str = "float32") -> str:
     """Write the trained policy into `folder`: an adapter folder (base_model_name_or_path = the absolute base
-    path), merged full weights, or the full model; tokenizer beside it. Returns what was written."""
+    path, or the base's Hub id), merged full weights, or the full model; tokenizer beside it. Returns what was written."""
     import torch
 
     what = "model"
@@ -321,8 +321,9 @@ def save_policy(module, tokenizer, folder, *, base_path=None, merge: bool = Fals
         module, what = module.merge_and_unload(), "merged"
     elif peft:
         for cfg in module.peft_config.values():
-            if base_path is not None:
-                cfg.base_model_name_or_path = str(Path(base_path).resolve())
+            if base_path is not None:  # a local base as an absolute path, a Hub id as it was named
+                local = Path(base_path).exists()
+                cfg.base_model_name_or_path = str(Path(base_path).resolve()) if local else str(base_path)
         what = "adapter"
     if dtype != "float32":
         module = module.to(getattr(torch, dtype))

@@ -3,6 +3,9 @@
 - safetensors only, unless `allow_pickle=True` (a `--allow-pickle` flag) is given;
 - `trust_remote_code` off unless asked;
 - a policy is a Hugging Face model folder, or a PEFT adapter folder (adapter_config.json) on its base model;
+- a model is named by a local path or a Hub id `org/name[@revision]` (huggingface_hub's cache, see
+  alignpipe/hub.py); `local_folder` is the one place a name becomes a folder, a local path that exists wins,
+  and every loader here goes through it; a Hub model's fingerprint is its resolved commit;
 - every problem with a folder is a one-line UserError naming the folder and what is missing.
 """
 from __future__ import annotations
@@ -46,20 +49,63 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def local_folder(name: Path | str, what: str = "model", *, allow_pickle: bool = False,
+                 trust_remote_code: bool = False) -> Path:
+    """The folder a model name stands for: a local path that exists, else the Hub id's snapshot folder in
+    huggingface_hub's cache (fetched first when the network is on); a one-line UserError when neither."""
+    from alignpipe import hub
+
+    p = Path(name)
+    if p.exists():
+        return p
+    if hub.split_id(str(name)) is None:
+        raise UserError(f"{what} {name}: no such folder")
+    try:
+        return hub.snapshot(str(name), allow_pickle=allow_pickle, remote_code=trust_remote_code)
+    except hub.HubMiss as e:
+        raise UserError(f"{what} {name}: no such folder, and {e}")
+
+
+def _folder_or_name(path: Path | str) -> Path:
+    try:
+        return local_folder(path)
+    except UserError:
+        return Path(path)
+
+
+def with_revision(name: Path | str, revision: str | None) -> str:
+    """`name@revision` for a Hub id and a `--revision` flag; the name alone without one."""
+    from alignpipe import hub
+
+    if not revision:
+        return str(name)
+    if Path(name).exists():
+        raise UserError(f"--revision {revision}: {name} is a local folder, not a Hub id")
+    if hub.split_id(str(name)) is None or "@" in str(name):
+        raise UserError(f"--revision {revision}: {name} is not a Hub id without a revision (org/name)")
+    return f"{name}@{revision}"
+
+
+def hub_commit(name: Path | str) -> str | None:
+    """The resolved commit when `name` is a Hub id in the cache or a snapshot folder of it; None otherwise."""
+    from alignpipe import hub
+
+    info = hub.snapshot_info(_folder_or_name(name))
+    return info[1] if info else None
+
+
 def is_adapter(path: Path | str) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
+    return (_folder_or_name(path) / "adapter_config.json").is_file()
 
 
 def adapter_base(path: Path | str) -> str:
-    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    cfg = json.loads((_folder_or_name(path) / "adapter_config.json").read_text())
     return cfg.get("base_model_name_or_path") or ""
 
 
 def check_model_folder(path: Path | str, what: str, allow_pickle: bool = False) -> Path:
-    """Fail with one line unless `path` is a usable local model (or adapter) folder."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{what} {p}: no such folder")
+    """Fail with one line unless `path` names a usable model (or adapter) folder; returns that folder."""
+    p = local_folder(path, what, allow_pickle=allow_pickle)
     if not p.is_dir():
         raise UserError(f"{what} {p}: not a folder (expected a Hugging Face model or PEFT adapter folder)")
     if is_adapter(p):
@@ -84,11 +130,11 @@ def load_tokenizer(path: Path | str, chat_template: Path | None = None, padding_
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    p = Path(path)
+    p = local_folder(path, "tokenizer", trust_remote_code=trust_remote_code)
     if not p.is_dir():
         raise UserError(f"tokenizer {p}: no such folder")
     if is_adapter(p) and not (p / "tokenizer_config.json").exists():
-        p = Path(adapter_base(p))
+        p = local_folder(adapter_base(p), f"tokenizer (base of {p})", trust_remote_code=trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -133,9 +179,8 @@ def load_causal_lm(path: Path | str, *, dtype: str = "float32", device: str = "c
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     if not is_adapter(p):
         return _from_pretrained(AutoModelForCausalLM, p, torch_dtype, trust_remote_code, allow_pickle, what).to(dev)
-    base = adapter_base(p)
-    check_model_folder(base, f"{what} base (from {p}/adapter_config.json)", allow_pickle)
-    model = _from_pretrained(AutoModelForCausalLM, Path(base), torch_dtype, trust_remote_code, allow_pickle, what)
+    base = check_model_folder(adapter_base(p), f"{what} base (from {p}/adapter_config.json)", allow_pickle)
+    model = _from_pretrained(AutoModelForCausalLM, base, torch_dtype, trust_remote_code, allow_pickle, what)
     return attach_adapter(model, p, trainable_adapter, what).to(dev)
 
 
@@ -165,10 +210,15 @@ def load_reward_model(path: Path | str, *, dtype="float32", device="cpu", trust_
 
 
 def model_fingerprint(path: Path | str) -> str:
-    """Content hash of a model/adapter folder's weights and config (the manifest's when alignpipe wrote it)."""
+    """A Hub model's resolved commit; else the content hash of a model/adapter folder's weights and config
+    (the manifest's when alignpipe wrote it)."""
     from alignpipe.manifest import fingerprint_files, read_manifest
 
-    m = read_manifest(Path(path))
+    p = _folder_or_name(path)
+    commit = hub_commit(p)
+    if commit:
+        return commit
+    m = read_manifest(p)
     if m and m.get("fingerprint"):
         return m["fingerprint"]
-    return fingerprint_files(Path(path), patterns=("*.safetensors", "config.json", "adapter_config.json"))
+    return fingerprint_files(p, patterns=("*.safetensors", "config.json", "adapter_config.json"))

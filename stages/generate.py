@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import (
-    ConfigOpt,
-    ForceOpt,
-    OutOpt,
-    handle_errors,
-    resolved_config,
-    say,
-    up_to_date_message,
-)
+from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say
 from alignpipe.errors import UserError
 
 ENGINES = ("transformers", "vllm")
@@ -118,9 +111,9 @@ def summary(ds) -> dict:
 def context_length(policy: Path, tokenizer, trust_remote_code: bool) -> int | None:
     from transformers import AutoConfig
 
-    from alignpipe.models import adapter_base, is_adapter
+    from alignpipe.models import adapter_base, is_adapter, local_folder
 
-    folder = adapter_base(policy) if is_adapter(policy) else policy
+    folder = local_folder(adapter_base(policy), "policy base") if is_adapter(policy) else policy
     try:
         cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code).get_text_config()
     except (OSError, ValueError) as e:
@@ -192,12 +185,124 @@ def resolve_batch_size(batch_size: str, engine: str, device: str) -> int:
     return int(batch_size)
 
 
+@dataclass
+class Job:
+    """What `run` resolved before sampling: the policy folder, the tokenizer, this process's prompts."""
+    policy: str  # as named (a Hub id keeps its @revision)
+    folder: Path  # the local folder it names
+    tokenizer: object
+    prepared: object  # this process's prepared prompts, in length order
+    first_row: int  # global position of its first prompt
+    shard_size: int
+    batch_size: int
+    device: str
+    report: dict
+
+
+def run(prompts: Path, out: Path, *, config: dict, policy: str, revision: str | None = None, num_samples: int = 2,
+        max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop=(),
+        seed: int = 0, batch_size: str = "auto", shard_batches: int = 4, max_prompt_length: int | None = None,
+        long_prompts: str = "truncate", split: str = "all", rows: str | None = None,
+        chat_template: Path | None = None, iteration: int = 0, engine: str = "transformers",
+        tensor_parallel_size: int = 1, dtype: str = "float32", device: str = "auto",
+        trust_remote_code: bool = False, allow_pickle: bool = False, num_shards: int | None = None,
+        shard_index: int | None = None, force: bool = False) -> str:
+    """The stage from disk to disk (`config`: the resolved options, for the manifest); returns its summary line."""
+    from alignpipe.io import read_input
+    from alignpipe.models import adapter_base, check_model_folder, is_adapter, with_revision
+    from alignpipe.output import StageOutput, part_path, process_shard
+    from alignpipe.sampling import SamplingParams
+
+    _check_options(num_samples, max_new_tokens, temperature, top_p, top_k, long_prompts, split, engine)
+    num_shards, shard_index = process_shard(num_shards, shard_index)
+    if engine == "vllm":
+        from alignpipe.vllm_engine import require_vllm
+
+        require_vllm()
+    ds, _ = read_input(prompts, "prompts", stage="generate")
+    name = with_revision(policy, revision)
+    folder = check_model_folder(name, "policy", allow_pickle)
+    inputs = [prompts, folder] + ([check_model_folder(adapter_base(folder), "policy base")]
+                                  if is_adapter(folder) else [])
+    inputs += [chat_template] if chat_template is not None else []
+    target = part_path(out, num_shards, shard_index) if num_shards > 1 else out
+    so = StageOutput(target, stage="generate", kind="generations", config=config, inputs=inputs, force=force)
+    if so.up_to_date():
+        return f"generate: {target} is up to date (same inputs and config); nothing to do. Use --force to redo it."
+    job = _prepare(ds, name, folder, prompts=prompts, split=split, rows=rows, chat_template=chat_template,
+                   trust_remote_code=trust_remote_code, max_prompt_length=max_prompt_length,
+                   max_new_tokens=max_new_tokens, long_prompts=long_prompts, engine=engine, device=device,
+                   batch_size=batch_size, shard_batches=shard_batches, shards=(num_shards, shard_index))
+    params = SamplingParams(num_samples, max_new_tokens, temperature, top_p, top_k, tuple(stop or ()))
+    with so:
+        sampler = build_sampler(engine, job.folder, job.tokenizer, params, dtype=dtype, device=job.device,
+                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                tensor_parallel_size=tensor_parallel_size)
+        result, rate = _sample_shards(so, job, sampler, seed=seed, iteration=iteration)
+        so.report = {**summary(result), **job.report, "engine": engine, "tokens_per_s": round(rate, 1), **so.report}
+        so.finish(result)
+    return summary_line(so.report, num_samples, target)
+
+
+def _prepare(ds, name: str, folder: Path, *, prompts, split, rows, chat_template, trust_remote_code,
+             max_prompt_length, max_new_tokens, long_prompts, engine, device, batch_size, shard_batches,
+             shards) -> Job:
+    """Select, render, tokenise and sort the prompts; this process's contiguous range of checkpoint shards."""
+    from alignpipe.models import load_tokenizer, resolve_device
+
+    dev = "cuda" if engine == "vllm" else resolve_device(device)
+    bs = resolve_batch_size(batch_size, engine, dev)
+    selected = list(range(len(ds))) if split == "all" else [i for i, s in enumerate(ds["split"]) if s == split]
+    selected = selected[parse_rows(rows)]
+    if not selected:
+        raise UserError(f"{prompts}: no prompts with split '{split}'" + (f" in rows {rows}" if rows else ""))
+    tok = load_tokenizer(folder, chat_template=chat_template, trust_remote_code=trust_remote_code)
+    limit = resolve_max_prompt_length(max_prompt_length, context_length(folder, tok, trust_remote_code),
+                                      max_new_tokens)
+    prepared, long_report = prepare_prompts(ds.select(selected), tok, max_prompt_length=limit,
+                                            long_prompts=long_prompts, where=str(prompts), row_ids=selected)
+    if len(prepared) == 0:
+        raise UserError(f"{prompts}: every prompt is longer than --max-prompt-length {limit} tokens and "
+                        f"--long-prompts skip dropped them all; nothing to generate")
+    size = shard_batches * bs
+    num_shards, shard_index = shards
+    first, last = shard_range(len(prepared), size, num_shards, shard_index)
+    mine = prepared.select(range(first * size, min(len(prepared), last * size)))
+    report = {"prompts": len(mine), "long_prompts": long_report, "max_prompt_length": limit, "batch_size": bs,
+              "shards": [first, last], "process_shard": [shard_index, num_shards], "device": dev}
+    return Job(name, folder, tok, mine, first * size, size, bs, dev, report)
+
+
+def _sample_shards(so, job: Job, sampler, *, seed: int, iteration: int):
+    """Sample this process's prompts shard by shard (resumable); (generations, tokens per second)."""
+    from alignpipe.models import model_fingerprint
+    from alignpipe.output import map_shards
+
+    meta = {"policy": job.policy, "policy_fingerprint": model_fingerprint(job.folder), "iteration": iteration}
+    timing = {"seconds": 0.0, "tokens": 0}
+
+    def fn(part, index):
+        t0 = time.perf_counter()
+        res = sample_part(part, sampler, batch_size=job.batch_size, seed=seed,
+                          first_row=job.first_row + index * job.shard_size, meta=meta)
+        timing["seconds"] += time.perf_counter() - t0
+        timing["tokens"] += int(sum(res["num_tokens"])) if len(res) else 0
+        return res
+
+    result = map_shards(so, job.prepared, fn, job.shard_size, desc="generate")
+    return result, (timing["tokens"] / timing["seconds"] if timing["seconds"] else 0.0)
+
+
 @handle_errors
 def command(
     ctx: typer.Context,
     prompts: Annotated[Path, typer.Argument(help="A prompts dataset (from `alignpipe import`).")],
     out: OutOpt,
-    policy: Annotated[Path, typer.Option(help="Policy: a model folder or a PEFT adapter folder.")],
+    policy: Annotated[str, typer.Option(
+        help="Policy: a model folder, a PEFT adapter folder, or a Hub id org/name[@revision] (from the cache "
+             "when HF_HUB_OFFLINE=1).")],
+    revision: Annotated[str | None, typer.Option(
+        help="Hub revision (branch, tag or commit) of a Hub id --policy.")] = None,
     num_samples: Annotated[int, typer.Option(help="Responses sampled per prompt.")] = 2,
     max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per response.")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
@@ -232,78 +337,13 @@ def command(
     force: ForceOpt = False,
 ):
     """Sample responses from a policy: batched, seeded, resumable, with behaviour log-probs."""
-    from alignpipe.io import read_input
-    from alignpipe.models import (
-        adapter_base,
-        check_model_folder,
-        is_adapter,
-        load_tokenizer,
-        model_fingerprint,
-        resolve_device,
-    )
-    from alignpipe.output import StageOutput, map_shards, part_path, process_shard
-    from alignpipe.sampling import SamplingParams
-
-    _check_options(num_samples, max_new_tokens, temperature, top_p, top_k, long_prompts, split, engine)
-    num_shards, shard_index = process_shard(num_shards, shard_index)
-    if engine == "vllm":
-        from alignpipe.vllm_engine import require_vllm
-
-        require_vllm()
-    ds, _ = read_input(prompts, "prompts", stage="generate")
-    check_model_folder(policy, "policy", allow_pickle)
-    inputs = [prompts, policy] + ([Path(adapter_base(policy))] if is_adapter(policy) else [])
-    inputs += [chat_template] if chat_template is not None else []
-    target = part_path(out, num_shards, shard_index) if num_shards > 1 else out
-    so = StageOutput(target, stage="generate", kind="generations", config=resolved_config(ctx), inputs=inputs,
-                     force=force)
-    if so.up_to_date():
-        return up_to_date_message("generate", target)
-    dev = "cuda" if engine == "vllm" else resolve_device(device)
-    bs = resolve_batch_size(batch_size, engine, dev)
-    selected = list(range(len(ds))) if split == "all" else [i for i, s in enumerate(ds["split"]) if s == split]
-    selected = selected[parse_rows(rows)]
-    if not selected:
-        raise UserError(f"{prompts}: no prompts with split '{split}'" + (f" in rows {rows}" if rows else ""))
-    tok = load_tokenizer(policy, chat_template=chat_template, trust_remote_code=trust_remote_code)
-    limit = resolve_max_prompt_length(max_prompt_length, context_length(policy, tok, trust_remote_code),
-                                      max_new_tokens)
-    prepared, long_report = prepare_prompts(ds.select(selected), tok, max_prompt_length=limit,
-                                            long_prompts=long_prompts, where=str(prompts), row_ids=selected)
-    if len(prepared) == 0:
-        raise UserError(f"{prompts}: every prompt is longer than --max-prompt-length {limit} tokens and "
-                        f"--long-prompts skip dropped them all; nothing to generate")
-    size = shard_batches * bs
-    first, last = shard_range(len(prepared), size, num_shards, shard_index)
-    mine = prepared.select(range(first * size, min(len(prepared), last * size)))
-    params = SamplingParams(num_samples, max_new_tokens, temperature, top_p, top_k, tuple(stop or ()))
-    meta = {"policy": str(policy), "policy_fingerprint": model_fingerprint(policy), "iteration": iteration}
-    timing = {"seconds": 0.0, "tokens": 0}
-
-    def fn(part, index):
-        t0 = time.perf_counter()
-        res = sample_part(part, sampler, batch_size=bs, seed=seed, first_row=(first + index) * size, meta=meta)
-        timing["seconds"] += time.perf_counter() - t0
-        timing["tokens"] += int(sum(res["num_tokens"])) if len(res) else 0
-        return res
-
-    with so:
-        sampler = build_sampler(engine, policy, tok, params, dtype=dtype, device=dev,
-                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                tensor_parallel_size=tensor_parallel_size)
-        result = map_shards(so, mine, fn, size, desc="generate")
-        rate = timing["tokens"] / timing["seconds"] if timing["seconds"] else 0.0
-        so.report = {**summary(result), "prompts": len(mine), "long_prompts": long_report,
-                     "max_prompt_length": limit, "batch_size": bs, "shards": [first, last],
-                     "process_shard": [shard_index, num_shards], "engine": engine, "device": dev,
-                     "tokens_per_s": round(rate, 1), **so.report}
-        so.finish(result)
-    _say_summary(so.report, num_samples, target)
+    options = {k: v for k, v in locals().items() if k not in ("ctx", "config")}
+    say(run(config=resolved_config(ctx), **options))
 
 
-def _say_summary(r: dict, num_samples: int, target: Path) -> None:
+def summary_line(r: dict, num_samples: int, target: Path) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in r["finish_reasons"].items())
     (what, count), = r["long_prompts"].items()
     long = f"; {count} long prompt(s) {what}" if count else ""
-    say(f"generate: {r['rows']} rows ({r['prompts']} prompts x {num_samples}), {r['num_tokens']:,} tokens, "
-        f"{r['tokens_per_s']:,.0f} tok/s; finish: {reasons}{long} -> {target}")
+    return (f"generate: {r['rows']} rows ({r['prompts']} prompts x {num_samples}), {r['num_tokens']:,} tokens, "
+            f"{r['tokens_per_s']:,.0f} tok/s; finish: {reasons}{long} -> {target}")
