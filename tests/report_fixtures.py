@@ -86,7 +86,7 @@ def make_run(root: Path, iters: int = 2, prompts: int = 6, payload: bool = True,
                {"annotator": ["vader"]})
         if k > 0:
             vs = [{"prompt_id": f"{x['prompt_id']}#{x['sample_index']}", "prompt": x["prompt"], "iteration": k,
-                   "response1": x["response"], "response2": "baseline", "preference": 0.5 + 0.1 * k * (i % 2),
+                   "response1": x["response"], "response2": "baseline", "preference": 0.5 + 0.1 * k * (i // 2 % 2),
                    "pairing": "evaluate", "annotator": "vader"} for i, x in enumerate(gens)]
             rep = {"win_rate": 0.5 + 0.1 * k, "kl_vs_reference": 0.3 * k, "pairs": len(vs)}
             if accuracy:

@@ -1,0 +1,83 @@
+"""alignpipe lineage: the chain of manifests of an output back to its sources, as text and JSON; recorded
+command lines rerun from the recorded directory (and find the output up to date); secrets never in argv."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import cli, child_env, manifest, ok, run_child, write_jsonl
+from report_fixtures import make_run
+
+from alignpipe.lineage import lineage, sources, stages
+from alignpipe.manifest import command_argv, register_secret, scrub_argv
+
+
+def test_chain_of_a_policy_back_to_import(tmp_path):
+    run = make_run(tmp_path / "run", iters=2, prompts=3, payload=False)
+    nodes = lineage(run / "iter-1" / "policy")
+    assert nodes[0].path == str(run / "iter-1" / "policy") and nodes[0].stage == "train"
+    assert stages(nodes) == ["train", "reweight", "annotate", "generate", "import"]
+    assert {n.path for n in nodes} >= {str(run / "iter-0" / "policy"), str(run / "prompts")}
+    assert len({n.path for n in nodes}) == len(nodes)  # each output once (prompts feed both iterations)
+    assert all(i.status in ("ok", "source") for n in nodes for i in n.inputs)
+    assert {Path(i.path).name for i in sources(nodes)} == {"prompts.jsonl", "model"}
+    for n in nodes:
+        assert n.rerun.startswith(f"cd {shlex.quote(os.getcwd())} && alignpipe {n.stage} ")
+        assert n.seconds is not None and n.started_at and n.fingerprint
+    weighted = next(n for n in nodes if n.stage == "reweight")
+    assert weighted.num_rows == 2 and weighted.config == {"strategy": ["confidence"]} and weighted.depth == 1
+
+
+def test_lineage_command_text_json_and_changed_inputs(tmp_path):
+    run = make_run(tmp_path / "run", iters=1, prompts=3, payload=False)
+    as_json = json.loads(ok("lineage", run / "iter-0" / "weighted", "--json").stdout)
+    assert [n["stage"] for n in as_json] == ["reweight", "annotate", "generate", "import"]
+    assert as_json[0]["inputs"][0] == {"path": str(run / "iter-0" / "annotations"),
+                                       "resolved": str(run / "iter-0" / "annotations"),
+                                       "fingerprint": manifest(run / "iter-0" / "annotations")["fingerprint"],
+                                       "status": "ok"}
+    out = ok("lineage", run / "iter-0" / "policy").stdout
+    assert "[train]" in out and "rerun: cd " in out and "alignpipe import" in out and "(source)" in out
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "changed since"}\n')
+    assert "(changed)" in ok("lineage", run / "prompts").stdout
+    r = cli("lineage", tmp_path / "nowhere")
+    assert r.exit_code == 2 and "no such file or folder" in r.output
+    r = cli("lineage", tmp_path)
+    assert r.exit_code == 2 and "no manifest.json" in r.output
+
+
+def test_recorded_commands_rerun_from_their_directory(tmp_path):
+    data = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}
+                                                  for i in range(4)])
+    for args in (["import", data, "--out", tmp_path / "data"],
+                 ["reweight", tmp_path / "data", "--strategy", "constant", "--out", tmp_path / "weighted"]):
+        done = run_child(args)
+        assert done.returncode == 0, done.stderr
+    before = {p: manifest(tmp_path / p) for p in ("data", "weighted")}
+    nodes = lineage(tmp_path / "weighted")
+    assert [n.stage for n in nodes] == ["reweight", "import"]
+    assert nodes[0].command == shlex.join(["alignpipe", "reweight", str(tmp_path / "data"), "--strategy", "constant",
+                                           "--out", str(tmp_path / "weighted")])
+    env = child_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for n in nodes:  # the recorded line, as is, in a shell: the output is up to date, nothing rewritten
+        again = subprocess.run(["bash", "-c", n.rerun], env=env, capture_output=True, text=True, timeout=240)
+        assert again.returncode == 0 and "up to date" in again.stderr, again.stderr
+    assert {p: manifest(tmp_path / p) for p in ("data", "weighted")} == before
+
+
+def test_secrets_never_reach_the_recorded_command(monkeypatch):
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-1234567890")
+    register_secret("registered-secret-value")
+    argv = ["alignpipe", "annotate", "in", "--annotator", "http:http://h/v1,model=m,api_key=abc123,key_env=MY_KEY",
+            "--api-key", "plain", "--hf-token=hf_abcdefghijklmnopqrstu", "--key-env", "OPENAI_API_KEY",
+            "sk-proj-abcdefghijklmnopqrstuvwx", "tok-1234567890", "x=registered-secret-value", "--out", "o"]
+    clean = scrub_argv(argv)
+    assert clean == ["alignpipe", "annotate", "in", "--annotator", "http:http://h/v1,model=m,api_key=***,key_env=MY_KEY",
+                     "--api-key", "***", "--hf-token=***", "--key-env", "OPENAI_API_KEY", "***", "***", "x=***",
+                     "--out", "o"]
+    assert command_argv(["/venv/bin/alignpipe", "train", "a b"]) == ["alignpipe", "train", "a b"]
+    assert command_argv(["/x/alignpipe/__main__.py", "report", "r"]) == ["alignpipe", "report", "r"]
