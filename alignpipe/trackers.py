@@ -11,6 +11,7 @@ Names and places, derived from the output folder OUT (e.g. runs/demo/iter-1/poli
     local store RUN_ROOT/trackers/{wandb,mlruns,trackio} unless the library's own variable says otherwise
                 (WANDB_DIR, MLFLOW_TRACKING_URI, TRACKIO_DIR); wandb runs offline unless WANDB_MODE is set or
                 an API key is configured, so nothing leaves the machine by default.
+MLflow's file store cannot hold `tokens` and `tokens/s` both (one file per metric): there `tokens/s` is `tokens_s`.
 Each run's links (local folders, URIs, ids) go to RUN_ROOT/trackers/RUN_NAME.json and to `trackers.json` in
 the metrics folder; `alignpipe report` links them. Configs are redacted (no secret reaches a tracker).
 """
@@ -85,7 +86,10 @@ class WandB:
         self.run.log(_numeric(row), step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        wandb.teardown()  # wait for wandb's service to have written the run (offline: the .wandb file) to disk
 
     def link(self) -> dict:
         url = self.run.url if self.run.settings.mode == "online" else None
@@ -101,7 +105,8 @@ class MLflow:
         if not uri:
             where.mkdir(parents=True, exist_ok=True)
             uri = where.as_uri()
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a local folder store, as asked
+        if uri.startswith("file:") or "://" not in uri:  # a local folder store, as asked
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.uri, self.client = uri, MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(project)
         self.experiment = experiment.experiment_id if experiment else self.client.create_experiment(project)
@@ -118,7 +123,8 @@ class MLflow:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(_mlflow_key(k), v, now, step) for k, v in _numeric(row).items()]
+        values = _numeric(row)
+        metrics = [Metric(mlflow_name(k, values), v, now, step) for k, v in values.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def close(self) -> None:
@@ -127,6 +133,13 @@ class MLflow:
     def link(self) -> dict:
         return {"uri": self.uri, "experiment_id": self.experiment, "run_id": self.run_id,
                 "open": f"mlflow ui --backend-store-uri {self.uri}"}
+
+
+def mlflow_name(key: str, keys) -> str:
+    """The MLflow name of a metric: its own, except that MLflow's file store keeps one file per metric, so a
+    `X/Y` beside a metric `X` (`tokens/s` beside `tokens`) becomes `X_Y` (`tokens_s`)."""
+    key = _mlflow_key(key)
+    return key.replace("/", "_") if "/" in key and key.rsplit("/", 1)[0] in keys else key
 
 
 def _mlflow_key(key: str) -> str:
