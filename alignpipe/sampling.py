@@ -1,7 +1,8 @@
 """Batched sampling with the transformers engine: the decode loop behind `alignpipe generate`.
 
 One call of `Sampler.sample` takes tokenised prompts and returns `num_samples` generations per prompt
-(prompt-major), each with its token ids, text, finish reason and behaviour log-prob.
+(prompt-major), each with its token ids, text, finish reason, behaviour log-prob and the per-token
+behaviour log-probs (what policy-gradient losses take the importance ratio against, token by token).
 
 How it works, and why it is faster than `model.generate` / the `text-generation` pipeline:
 - left padding, explicit position ids (padding-aware), the model's KV cache;
@@ -46,6 +47,7 @@ class Sample:
     text: str
     finish_reason: str  # eos | stop | length
     logp: float
+    token_logps: list[float] = field(default_factory=list)  # per sampled token, sum = logp (behaviour policy)
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -234,17 +236,18 @@ class Sampler:
         tokens, lengths, by_stop = tokens.tolist(), lengths.tolist(), by_stop.tolist()
         sums = torch.cumsum(logps.double(), 1).gather(1, (torch.tensor(lengths, device=logps.device) - 1)[:, None])
         ids = [row[:k] for row, k in zip(tokens, lengths)]
+        per_token = [row[:k] for row, k in zip(logps.tolist(), lengths)]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         eos = set(self.eos.tolist())
         out = []
-        for row, text, stopped, lp in zip(ids, texts, by_stop, sums.squeeze(1).tolist()):
+        for row, text, stopped, lp, tlp in zip(ids, texts, by_stop, sums.squeeze(1).tolist(), per_token):
             if row and row[-1] in eos:
                 reason = "eos"
             elif stopped:
                 reason, text = "stop", cut_at_stop(text, self.params.stop)
             else:
                 reason = "length"
-            out.append(Sample(row, text, reason, float(lp)))
+            out.append(Sample(row, text, reason, float(lp), tlp))
         return out
 
 
