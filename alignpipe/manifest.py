@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-_SECRET_KEYS = re.compile(r"(api[_-]?key|token|secret|password)", re.I)
+_SECRET_KEYS = re.compile(r"(api[_-]?key|secret|passw(or)?d|credential|(^|[_-])token$)", re.I)
+_NOT_SECRET = re.compile(r"(^|[_-])(pad|eos|bos|unk|sep|cls|mask|end|start|stop)[_-]token$", re.I)
+
+
+def secret_name(name: str) -> bool:
+    """A variable, key or option name that holds a secret: OPENAI_API_KEY, HF_TOKEN, --api-key, password, ...
+    Not `tokenizer`, `max_new_tokens` or `pad_token`."""
+    name = str(name).lstrip("-")
+    return bool(_SECRET_KEYS.search(name)) and not _NOT_SECRET.search(name)
 _REGISTERED: set[str] = set()  # secrets read from variables with other names (an annotator's key_env)
 
 
@@ -78,7 +86,7 @@ def register_secret(value: str | None) -> None:
 
 def secret_values() -> list[str]:
     """Values of environment variables that look like secrets, and registered ones, longest first."""
-    found = {v for k, v in os.environ.items() if _SECRET_KEYS.search(k) and len(v) >= 6} | _REGISTERED
+    found = {v for k, v in os.environ.items() if secret_name(k) and len(v) >= 6} | _REGISTERED
     return sorted(found, key=len, reverse=True)
 
 
@@ -86,7 +94,7 @@ def redact(obj):
     """Replace secret values (and values under secret-looking keys) by '***' throughout a JSON-able object."""
     secrets = secret_values()
     if isinstance(obj, dict):
-        return {k: ("***" if _SECRET_KEYS.search(str(k)) and isinstance(v, str) and v and not k.endswith("_env")
+        return {k: ("***" if secret_name(k) and isinstance(v, str) and v and not str(k).endswith("_env")
                     else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
@@ -98,8 +106,8 @@ def redact(obj):
 
 _KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|xox[abp]-[A-Za-z0-9-]{10,}"
                        r"|AKIA[0-9A-Z]{16}|eyJ[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})")
-_KEY_OPTION = re.compile(r"^(--?[\w-]*(api[_-]?key|token|secret|password)[\w-]*)(=.*)?$", re.I)
-_KEY_PAIR = re.compile(r"(\b[\w-]*(api[_-]?key|token|secret|password)[\w-]*=)([^,\s]+)", re.I)
+_OPTION = re.compile(r"^(--?[A-Za-z][\w-]*)(=.*)?$")
+_PAIR = re.compile(r"(?<![\w-])([A-Za-z][\w-]*)=([^,\s]+)")
 
 
 def scrub_argv(argv: list[str]) -> list[str]:
@@ -113,15 +121,15 @@ def scrub_argv(argv: list[str]) -> list[str]:
             out.append("***")
             hide_next = False
             continue
-        opt = _KEY_OPTION.match(arg)
-        if opt and not opt.group(1).lower().endswith("-env"):
-            if opt.group(3) is None:
+        opt = _OPTION.match(arg)
+        if opt and secret_name(opt.group(1)):
+            if opt.group(2) is None:
                 hide_next = True
                 out.append(arg)
             else:
                 out.append(opt.group(1) + "=***")
             continue
-        arg = _KEY_PAIR.sub(lambda m: m.group(0) if m.group(1).lower().endswith("_env=") else m.group(1) + "***", arg)
+        arg = _PAIR.sub(lambda m: f"{m.group(1)}=***" if secret_name(m.group(1)) else m.group(0), arg)
         out.append(_KEY_LIKE.sub("***", redact(arg)))
     return out
 

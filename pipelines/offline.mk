@@ -5,6 +5,7 @@
 #   make -f pipelines/offline.mk reward DATA=prefs.jsonl MODEL=path NAME=rm            # Bradley-Terry RM
 #   make -f pipelines/offline.mk kto    DATA=labelled.jsonl MODEL=path NAME=kto        # prompt/completion/label
 #
+# Each recipe ends with `alignpipe report`: RUN/report/report.html (weights, training curves, lineage), report.png.
 # Variables: DATA (any `alignpipe import` format), MODEL (HF folder), NAME/RUN, LOSS (pairwise loss for
 # `dpo`: dpo | ipo | cdpo | robust-dpo | slic | simpo | orpo), BETA, LR, EPOCHS, BATCH, MAX_LENGTH,
 # STRATEGY (reweight spec), LORA_R (0 = full fine-tuning), REF (1 = cache reference log-probs).
@@ -31,6 +32,8 @@ BB = $(ALIGNPIPE) build-batches $(RUN)/weighted --tokenizer $(MODEL) --batch-siz
 TRAIN = $(ALIGNPIPE) train $(RUN)/batches --policy $(MODEL) --lr $(LR) --epochs $(EPOCHS) --seed $(SEED) \
         --out $(RUN)/policy
 
+REPORT = $(ALIGNPIPE) report $(RUN) --out $(RUN)/report
+
 .PHONY: dpo sft reward kto
 .DELETE_ON_ERROR:
 
@@ -43,16 +46,20 @@ $(RUN)/weighted/manifest.json: $(RUN)/data/manifest.json
 dpo: $(RUN)/weighted/manifest.json
 	$(BB) --task pairwise --reference $(MODEL)
 	$(TRAIN) --loss $(LOSS) --beta $(BETA) $(LORA)
+	$(REPORT)
 
 kto: $(RUN)/weighted/manifest.json
 	$(BB) --task pointwise --reference $(MODEL)
 	$(TRAIN) --loss kto --beta $(BETA) $(LORA)
+	$(REPORT)
 
 reward: $(RUN)/weighted/manifest.json
 	$(BB) --task reward
 	$(TRAIN) --loss reward --init-reward-head
+	$(REPORT)
 
 sft: $(RUN)/data/manifest.json
 	$(ALIGNPIPE) build-batches $(RUN)/data --task sft --tokenizer $(MODEL) --batch-size $(BATCH) \
 	  --max-length $(MAX_LENGTH) --seed $(SEED) --out $(RUN)/batches
 	$(TRAIN) --loss sft $(LORA)
+	$(REPORT)

