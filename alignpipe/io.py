@@ -130,3 +130,28 @@ def conform(ds, kind: str):
         raise RuntimeError(f"internal: stage output lacks columns {missing} of kind {kind}")
     ds = ds.select_columns(names)
     return ds.cast(schemas.features(kind))
+
+
+def dataset_from_rows(rows: list[dict], features=None, *, fingerprint: str | None = None):
+    """An in-memory Dataset of `rows` (with `features`, else types inferred), fingerprinted from the rows' JSON.
+
+    `Dataset.from_list` / `from_dict` leave the fingerprint to `datasets`, which pickles the whole Arrow table
+    with dill to hash it: a copy of the data, and an error wherever dill cannot pickle a pyarrow object (seen
+    with pyarrow 26 on Python 3.12: "Can't pickle <class 'MonthDayNano'>"). Here nothing is pickled.
+    """
+    import hashlib
+    import json
+
+    from datasets import Dataset, DatasetInfo
+    from datasets.table import InMemoryTable
+
+    keys = list(features) if features is not None else list(dict.fromkeys(k for r in rows for k in r))
+    columns = {k: [r.get(k) for r in rows] for k in keys}
+    if features is not None:
+        table = InMemoryTable.from_pydict(features.encode_batch(columns), schema=features.arrow_schema)
+    else:
+        table = InMemoryTable.from_pydict(columns)
+    if fingerprint is None:
+        text = json.dumps([keys, columns], sort_keys=True, default=str, ensure_ascii=False)
+        fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return Dataset(table, info=DatasetInfo(features=features), fingerprint=fingerprint)

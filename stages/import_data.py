@@ -6,7 +6,10 @@ Formats (detected from the columns, or forced with --format):
   preference   prompt, chosen, rejected (text, or messages lists as in HH/UltraFeedback) -> annotations (pairs)
   scored       prompt, completions=[str], scores=[float]                               -> annotations (pointwise)
   labelled     prompt, completion, label (bool: desirable)                              -> annotations (pointwise)
-Files: .jsonl/.json, .parquet, .csv, or a `save_to_disk` folder. `--column new=old` renames first.
+Sources: a .jsonl/.json, .parquet or .csv file, a `save_to_disk` folder, or whatever `datasets.load_dataset`
+accepts: a Hub dataset id `org/name[@revision]` (from huggingface_hub's cache when HF_HUB_OFFLINE=1), a local
+dataset folder of data files, or a builder name with files (`json --data-files a.jsonl --data-files b.jsonl`),
+with `--subset` (the config name) and `--source-split`. `--column new=old` renames first.
 """
 from __future__ import annotations
 
@@ -17,9 +20,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say, up_to_date_message
-from alignpipe.errors import UserError
+from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say
+from alignpipe.errors import UserError, first_line
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz")
 FORMATS = {  # name -> (required columns, output kind)
     "preference": (("chosen", "rejected"), "annotations"),  # prompt column, or inside the conversations
     "scored": (("prompt", "completions", "scores"), "annotations"),
@@ -29,9 +33,24 @@ FORMATS = {  # name -> (required columns, output kind)
 }
 
 
+def read_source(source: str, *, data_files: list[str] | None = None, subset: str | None = None,
+                source_split: str | None = None):
+    """A local file or dataset folder (read here), else what `datasets.load_dataset` accepts."""
+    path = Path(source)
+    if path.exists() and not data_files and not subset and not path.is_dir() or _saved_dataset(path):
+        return read_table(path)
+    return load_source(source, data_files=data_files, subset=subset, source_split=source_split)
+
+
+def _saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json"))
+
+
 def read_table(path: Path):
     """Read a JSONL/JSON/Parquet/CSV file or a save_to_disk folder into a Dataset, with one-line errors."""
     from datasets import Dataset, load_from_disk
+
+    from alignpipe.io import dataset_from_rows
 
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
@@ -41,9 +60,8 @@ def read_table(path: Path):
             ds = load_from_disk(str(path))
             return ds["train"] if hasattr(ds, "keys") and "train" in ds else ds
         if suffix in (".jsonl", ".json"):
-            rows = _read_jsonl(path)
-            keys = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
-            return Dataset.from_list([{k: r.get(k) for k in keys} for r in rows])
+            raw = path.read_bytes()
+            return dataset_from_rows(_read_jsonl(path, raw), fingerprint=hashlib.sha256(raw).hexdigest()[:16])
         if suffix == ".parquet":
             return Dataset.from_parquet(str(path))
         if suffix == ".csv":
@@ -52,11 +70,47 @@ def read_table(path: Path):
         raise
     except Exception as e:
         raise UserError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-    raise UserError(f"{path}: unknown file type '{suffix}' (known: .jsonl, .json, .parquet, .csv, a dataset folder)")
+    raise UserError(f"{path}: unknown file type '{suffix}' (known: .jsonl, .json, .parquet, .csv, a dataset "
+                    f"folder, or a `datasets.load_dataset` source)")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    raw = path.read_bytes()
+def load_source(source: str, *, data_files=None, subset=None, source_split=None):
+    """`datasets.load_dataset(source)`: a Hub dataset id through huggingface_hub's cache (its snapshot folder),
+    a folder of data files, or a builder name (json, parquet, csv, ...) with --data-files; one split."""
+    from datasets import load_dataset
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    from alignpipe import hub
+
+    target, why = source, ""
+    local = Path(source).exists() or source in _PACKAGED_DATASETS_MODULES
+    if not local and Path(source).suffix.lower() in DATA_SUFFIXES:
+        raise UserError(f"{source}: no such file or folder")
+    if not local and hub.split_id(source):
+        try:
+            target = str(hub.snapshot(source, repo_type="dataset"))
+        except hub.HubMiss as e:
+            why = f"{e}; "
+    elif not local:
+        raise UserError(f"{source}: no such file or folder, not a Hub dataset id and not a `datasets` builder "
+                        f"(known: {', '.join(sorted(_PACKAGED_DATASETS_MODULES))})")
+    try:
+        loaded = load_dataset(target, name=subset, data_files=data_files or None)
+    except Exception as e:
+        raise UserError(f"{source}: not a file or dataset folder, and {why}load_dataset cannot load it "
+                        f"({type(e).__name__}: {first_line(e, 160)})")
+    return _one_split(loaded, source, source_split)
+
+
+def _one_split(loaded, source: str, name: str | None):
+    splits = list(loaded)
+    pick = name or ("train" if "train" in splits or len(splits) != 1 else splits[0])
+    if pick not in splits:
+        raise UserError(f"{source}: no split '{pick}' (found: {', '.join(splits)}); choose one with --source-split")
+    return loaded[pick]
+
+
+def _read_jsonl(path: Path, raw: bytes) -> list[dict]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -224,21 +278,35 @@ def _apply_mapping(ds, mapping: list[str], where: Path):
 @handle_errors
 def command(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Argument(help="JSONL/JSON/Parquet/CSV file or a save_to_disk folder.")],
+    source: Annotated[str, typer.Argument(
+        help="JSONL/JSON/Parquet/CSV file, a save_to_disk folder, a Hub dataset id org/name[@revision], or a "
+             "`datasets` builder name (json, parquet, csv, ...) with --data-files.")],
     out: OutOpt,
     format: Annotated[str, typer.Option(help="auto | " + " | ".join(FORMATS))] = "auto",
     column: Annotated[Optional[list[str]], typer.Option(help="Rename a column first: NEW=OLD (repeatable).")] = None,
     split: Annotated[str, typer.Option(help="Split for rows without a 'split' column.")] = "train",
+    data_files: Annotated[Optional[list[str]], typer.Option(
+        help="Data files for a builder or Hub dataset (repeatable), as load_dataset's data_files.")] = None,
+    subset: Annotated[Optional[str], typer.Option(help="Subset (config name) of a Hub dataset.")] = None,
+    source_split: Annotated[Optional[str], typer.Option(
+        help="Which split of a multi-split source to read (default: train, or the only one).")] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ):
     """Bring outside data in: prompts, conversations, preference pairs, scored or labelled completions."""
-    from datasets import Dataset
+    say(run(source, out, config=resolved_config(ctx), format=format, column=column, split=split,
+            data_files=data_files, subset=subset, source_split=source_split, force=force))
 
+
+def run(source: str, out: Path, *, config: dict, format: str = "auto", column=None, split: str = "train",
+        data_files=None, subset=None, source_split=None, force: bool = False) -> str:
+    """The stage from source to disk; returns its summary line."""
     from alignpipe import schemas
+    from alignpipe.io import dataset_from_rows
     from alignpipe.output import StageOutput
 
-    ds = _apply_mapping(read_table(source), column, source)
+    ds = _apply_mapping(read_source(source, data_files=data_files, subset=subset, source_split=source_split),
+                        column, source)
     if len(ds) == 0:
         raise UserError(f"{source}: no rows")
     fmt = detect_format(ds.column_names, source) if format == "auto" else format
@@ -248,13 +316,28 @@ def command(
     if missing:
         raise UserError(f"{source}: format '{fmt}' needs column(s) {', '.join(missing)}; found {', '.join(ds.column_names)}")
     kind = FORMATS[fmt][1]
-    so = StageOutput(out, stage="import", kind=kind, config=resolved_config(ctx), inputs=[source], force=force)
+    so = StageOutput(out, stage="import", kind=kind, config=config, inputs=_inputs(source, data_files), force=force)
     if so.up_to_date():
-        return up_to_date_message("import", out)
+        return f"import: {out} is up to date (same inputs and config); nothing to do. Use --force to redo it."
     rows = convert_rows(ds, fmt, str(source), split)
     if kind == "prompts":
         _check_unique(rows, "prompt_id", str(source))
     with so:
         so.report = {"format": fmt}
-        so.finish(Dataset.from_list(rows, features=schemas.features(kind)))
-    say(f"import: {len(rows)} {kind} rows ({fmt}) -> {out}")
+        so.finish(dataset_from_rows(rows, schemas.features(kind)))
+    return f"import: {len(rows)} {kind} rows ({fmt}) -> {out}"
+
+
+def _inputs(source: str, data_files) -> list[Path]:
+    """What the output depends on: the local source, the data files, or a Hub dataset's snapshot folder."""
+    from alignpipe import hub
+
+    files = [Path(f) for f in data_files or [] if Path(f).exists()]
+    if Path(source).exists():
+        return [Path(source)] + files
+    if hub.split_id(source):
+        try:
+            return [hub.snapshot(source, repo_type="dataset")] + files
+        except hub.HubMiss:
+            pass
+    return files or [Path(source)]

@@ -141,3 +141,74 @@ def test_export_round_trips_through_import(suffix, tmp_path):
     back = Dataset.from_parquet(str(tmp_path / "x.parquet")) if suffix == "parquet" else \
         Dataset.from_json(str(tmp_path / "x.jsonl"))
     assert back["response1"] == ["a"] and back["response2"] == ["b"]
+
+
+# ---------------------------------------------------------------- what datasets.load_dataset accepts
+PROMPT_ROWS = [{"prompt_id": f"p{i}", "prompt": f"Question {i}?"} for i in range(5)]
+
+
+def test_builder_name_with_data_files(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", PROMPT_ROWS[:3])
+    b = _jsonl(tmp_path / "b.jsonl", PROMPT_ROWS[3:])
+    result = _import("json", tmp_path / "out", "--data-files", str(a), "--data-files", str(b))
+    assert result.exit_code == 0, result.output
+    ds, _ = read_input(tmp_path / "out", "prompts", stage="test")
+    assert ds["prompt_id"] == [r["prompt_id"] for r in PROMPT_ROWS]
+    from alignpipe.manifest import read_manifest
+
+    assert [Path(i["path"]).name for i in read_manifest(tmp_path / "out")["inputs"]] == ["a.jsonl", "b.jsonl"]
+
+
+def test_parquet_builder_and_a_folder_of_data_files(tmp_path):
+    from datasets import Dataset
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Dataset.from_list(PROMPT_ROWS).to_parquet(str(folder / "train.parquet"))
+    Dataset.from_list(PROMPT_ROWS[:2]).to_parquet(str(folder / "test.parquet"))
+    result = _import("parquet", tmp_path / "o1", "--data-files", str(folder / "train.parquet"))
+    assert result.exit_code == 0, result.output
+    assert len(read_input(tmp_path / "o1", "prompts", stage="test")[0]) == 5
+    for split, n in (("train", 5), ("test", 2)):  # a folder of data files, as load_dataset splits it
+        result = _import(folder, tmp_path / f"o-{split}", "--source-split", split)
+        assert result.exit_code == 0, result.output
+        assert len(read_input(tmp_path / f"o-{split}", "prompts", stage="test")[0]) == n
+    result = _import(folder, tmp_path / "o3", "--source-split", "validation")
+    assert result.exit_code == 2 and "no split 'validation' (found: train, test)" in result.output
+
+
+def test_hub_dataset_id_from_the_cache(tmp_path, monkeypatch):
+    from alignpipe import hub
+    from alignpipe.manifest import read_manifest
+
+    src = tmp_path / "repo"
+    (src / "data").mkdir(parents=True)
+    _jsonl(src / "data" / "train.jsonl", PROMPT_ROWS)
+    snap = hub.put(src, "alignpipe-test/prompts", cache=tmp_path / "hub", repo_type="dataset")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = _import("alignpipe-test/prompts", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert read_input(tmp_path / "out", "prompts", stage="test")[0]["prompt_id"] == [r["prompt_id"] for r in PROMPT_ROWS]
+    assert snap.name in read_manifest(tmp_path / "out")["inputs"][0]["path"]  # the commit
+    missing = _import("alignpipe-test/nothing", tmp_path / "o2")
+    assert missing.exit_code == 2 and len(missing.output.strip().splitlines()) == 1
+    assert "alignpipe-test/nothing: not a file or dataset folder, and not in the Hub cache" in missing.output
+    assert "HF_HUB_OFFLINE=1" in missing.output
+
+
+def test_no_table_is_pickled_to_fingerprint(tmp_path, monkeypatch):
+    """`datasets` fingerprints a Dataset built without one by pickling its whole Arrow table with dill, which
+    failed with pyarrow 26 on Python 3.12 ("Can't pickle <class 'MonthDayNano'>"). import must not depend on it."""
+    import pickle
+
+    import datasets.arrow_dataset
+
+    def refuse(dataset):
+        raise pickle.PicklingError("Can't pickle <class 'MonthDayNano'>")
+
+    monkeypatch.setattr(datasets.arrow_dataset, "generate_fingerprint", refuse)
+    for fmt, (rows, kind) in FORMATS.items():
+        result = _import(_jsonl(tmp_path / f"{fmt}.jsonl", rows), tmp_path / fmt)
+        assert result.exit_code == 0, result.output
+        assert len(read_input(tmp_path / fmt, kind, stage="test")[0]) >= 1
