@@ -47,11 +47,12 @@ def _train_metrics(policy: Path) -> dict:
     last = rows[-max(1, len(rows) // 4):]  # the last quarter of the steps
 
     def avg(key):
-        vals = [r[key] for r in last if r.get(key) is not None]
+        vals = [r[key] for r in last if isinstance(r.get(key), (int, float))]  # not "nan" strings
         return sum(vals) / len(vals) if vals else None
     out = {"train_loss": avg("loss"), "reward_accuracy": avg("rewards/accuracy")}
-    for key in sorted({k for r in last for k in r if "kl" in k.lower().split("/")[-1]}):
-        out[f"train_{key.replace('/', '_')}"] = avg(key)  # KL terms of policy-gradient losses
+    for key in sorted({k for r in last for k in r if k.lower().split("/")[-1] in ("kl", "entropy",
+                                                                                   "entropy_estimate")}):
+        out[f"train_{key.replace('/', '_')}"] = avg(key)  # KL and entropy terms of policy-gradient losses
     return {**out, "steps": len(rows)}
 
 
@@ -59,14 +60,32 @@ _EXTRA = re.compile(r"(accuracy|pass@\d+|pass_rate|solve_rate|exact_match)", re.
 
 
 def _extra(folder: Path) -> dict:
-    """Accuracy-like numbers reported by the evaluation stages of one policy (e.g. the RL recipe's)."""
+    """Accuracy-like numbers reported by the evaluation stages of one policy (e.g. the RL recipe's): `accuracy`
+    from `scores`, `accuracy_vs_0` from `versus-0`, `greedy_accuracy` from `greedy-scores`, ..."""
     out = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
         report = (read_manifest(sub) or {}).get("report", {})
         for key, v in report.items():
             if _EXTRA.search(key) and isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[key if sub.name != "versus-0" else f"{key}_vs_0"] = v
+                name = {"scores": key, "versus-0": f"{key}_vs_0"}.get(sub.name)
+                out[name or f"{sub.name.removesuffix('-scores').replace('-', '_')}_{key}"] = v
     return out
+
+
+def _train_reward(annotations: Path) -> float | None:
+    """Mean reward of the answers an iteration sampled for training (both answers of a pair)."""
+    from alignpipe.errors import UserError
+    from alignpipe.io import _load
+
+    if not (annotations / "manifest.json").exists():
+        return None
+    try:
+        ds = _load(annotations)
+    except UserError:
+        return None
+    values = [v for c in ("response1_reward", "response2_reward") if c in ds.column_names for v in ds[c]
+              if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def collect(run: Path) -> list[dict]:
@@ -85,6 +104,8 @@ def collect(run: Path) -> list[dict]:
                "response_tokens": _mean(e / "generations", "num_tokens"),
                "kl": versus.get("kl_vs_reference")}  # KL(policy K || reference) on its held-out answers
         row.update(_train_metrics(run / f"iter-{k - 1}" / "policy") if k > 0 else {})
+        if k > 0 and (reward := _train_reward(run / f"iter-{k - 1}" / "annotations")) is not None:
+            row["train_reward"] = reward  # what policy K-1's training answers earned: the RL learning curve
         row.update(_extra(e))
         if any(v is not None for key, v in row.items() if key != "policy"):
             rows.append(row)

@@ -83,7 +83,7 @@ def make_run(root: Path, iters: int = 2, prompts: int = 6, payload: bool = True,
                   for i, x in enumerate(gens)]
         _write(ev / "scores", "annotations", scores, "annotate",
                ["annotate", g, "--annotator", "vader", "--pairing", "pointwise", "--out", ev / "scores"], [g],
-               {"annotator": ["vader"]})
+               {"annotator": ["vader"]}, {"accuracy": 0.2 + 0.1 * k} if accuracy else {})
         if k > 0:
             vs = [{"prompt_id": f"{x['prompt_id']}#{x['sample_index']}", "prompt": x["prompt"], "iteration": k,
                    "response1": x["response"], "response2": "baseline", "preference": 0.5 + 0.1 * k * (i // 2 % 2),
@@ -118,7 +118,7 @@ def make_run(root: Path, iters: int = 2, prompts: int = 6, payload: bool = True,
         def write_policy(folder: Path, k=k) -> None:
             (folder / "adapter_config.json").write_text(json.dumps({"iteration": k}))
             rows = [{"step": s, "epoch": s / 8, "loss": 0.69 * math.exp(-0.1 * s) + 0.01 * k, "kl": 0.02 * s,
-                     "rewards/accuracy": min(1.0, 0.4 + 0.05 * s), "grad_norm": 1.0 / s, "lr": 5e-4, "tokens": 300,
+                     "rewards/accuracy": min(1.0, 0.4 + 0.05 * s), "entropy": 2.0 - 0.1 * s, "grad_norm": 1.0 / s, "lr": 5e-4, "tokens": 300,
                      "seconds": 0.5, "tokens/s": 600.0} for s in range(1, 9)]
             (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 

@@ -109,6 +109,28 @@ def test_missing_parts_and_extra_metrics(tmp_path):
     assert "No held-out generations" in (run / "report" / "report.html").read_text()
 
 
+def test_rl_recipe_columns(tmp_path):
+    """pipelines/rl.mk's layout: no weighted/, sampled and greedy accuracy, the reward of the training answers."""
+    from helpers import set_manifest
+
+    run = make_run(tmp_path / "run", iters=2, prompts=4, accuracy=True, payload=False)
+    for k in range(3):
+        shutil.copytree(run / f"eval/iter-{k}/scores", run / f"eval/iter-{k}/greedy-scores")
+        set_manifest(run / f"eval/iter-{k}/greedy-scores", report={"accuracy": 0.5 + 0.1 * k, "unparsed": 0})
+    for k in range(2):
+        shutil.rmtree(run / f"iter-{k}" / "weighted")
+    ok("report", run)
+    rows = json.loads((run / "report" / "summary.json").read_text())
+    assert [r["accuracy"] for r in rows] == [0.2, 0.30000000000000004, 0.4]
+    assert [r["greedy_accuracy"] for r in rows] == [0.5, 0.6, 0.7]
+    assert rows[1]["train_reward"] == 0.5 and "train_reward" not in rows[0]  # mean of both answers' rewards
+    assert rows[1]["train_entropy"] == 2.0 - 0.1 * 7.5 and rows[2]["accuracy_vs_0"] == 0.65
+    html = (run / "report" / "report.html").read_text()
+    for column in ("accuracy", "greedy_accuracy", "train_reward", "train_entropy"):
+        assert f'data-key="{column}"' in html and f"{column}</text>" in html  # a column and its chart
+    assert "example weights" not in html and "train: entropy" in html
+
+
 def test_offline_recipe_layout(tmp_path):
     run = make_run(tmp_path / "src", iters=1, prompts=4)
     off = tmp_path / "offline"
