@@ -116,5 +116,9 @@ def resolved_config(ctx: typer.Context, drop=("force", "config", "out")) -> dict
     return out
 
 
+def up_to_date_line(stage: str, out: Path) -> str:
+    return f"{stage}: {out} is up to date (same inputs and config); nothing to do. Use --force to redo it."
+
+
 def up_to_date_message(stage: str, out: Path) -> None:
-    say(f"{stage}: {out} is up to date (same inputs and config); nothing to do. Use --force to redo it.")
+    say(up_to_date_line(stage, out))

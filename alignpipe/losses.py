@@ -20,11 +20,11 @@ Conventions: response 1 is the chosen / preferred / only response; ``logp`` are 
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
+
+from alignpipe.registry import Registry
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -65,15 +65,6 @@ class LossInputs:
 
 
 LossFn = Callable[..., "tuple[Tensor, dict[str, Tensor]]"]  # fn(x: LossInputs, **hparams) -> (loss, metrics)
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    fn: LossFn
-    task: str  # batch task it consumes: "sft" | "reward" | "pointwise" | "pairwise"
-    needs_reference: bool
-    paper: str  # short citation
-    monotone_in_logp1: bool  # True when the loss falls (non-strictly) as logp1 rises, everything else fixed
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -274,21 +265,40 @@ def orpo_loss(x: LossInputs, *, lam: float = 0.1):
 
 
 # ---------------------------------------------------------------------------------------------- registry
-LOSSES: dict[str, LossSpec] = {
-    "sft": LossSpec(sft_loss, "sft", False, "supervised fine-tuning (token NLL)", True),
-    "reward": LossSpec(reward_loss, "reward", False, "Ouyang et al. 2022, Bradley-Terry reward model", True),
-    "dpo": LossSpec(dpo_loss, "pairwise", True, "Rafailov et al. 2023, DPO", True),
-    "cdpo": LossSpec(cdpo_loss, "pairwise", True, "Mitchell 2023, conservative DPO", False),
-    "ipo": LossSpec(ipo_loss, "pairwise", True, "Azar et al. 2023, IPO", False),
-    "slic": LossSpec(slic_loss, "pairwise", False, "Zhao et al. 2023, SLiC-HF", True),
-    "kto": LossSpec(kto_loss, "pointwise", True, "Ethayarajh et al. 2024, KTO", False),
-    "simpo": LossSpec(simpo_loss, "pairwise", False, "Meng et al. 2024, SimPO", True),
-    "orpo": LossSpec(orpo_loss, "pairwise", False, "Hong et al. 2024, ORPO", True),
-    "robust-dpo": LossSpec(robust_dpo_loss, "pairwise", True, "Chowdhury et al. 2024, robust DPO", True),
-}
+# One row per loss: name, function, the batches it trains on (task: sft | reward | pointwise | pairwise),
+# whether it needs reference log-probs, the paper, whether it falls (non-strictly) as logp1 rises with
+# everything else fixed (a property test), and one line per hyperparameter.
+LOSSES = Registry("loss", "--loss", doc="Alignment losses (alignpipe/losses.py); `train --loss NAME[,key=value...]`.")
+_BETA = {"beta": "inverse temperature of the implicit reward beta * log(pi / pi_ref)"}
+_EPS = {"label_smoothing": "assumed rate eps of flipped preference labels"}
+LOSSES.add("sft", sft_loss, task="sft", needs_reference=False, paper="supervised fine-tuning (token NLL)",
+           monotone_in_logp1=True)
+LOSSES.add("reward", reward_loss, task="reward", needs_reference=False,
+           paper="Ouyang et al. 2022, Bradley-Terry reward model", monotone_in_logp1=True)
+LOSSES.add("dpo", dpo_loss, task="pairwise", needs_reference=True, paper="Rafailov et al. 2023, DPO",
+           monotone_in_logp1=True, docs=_BETA)
+LOSSES.add("cdpo", cdpo_loss, task="pairwise", needs_reference=True, paper="Mitchell 2023, conservative DPO",
+           monotone_in_logp1=False, docs={**_BETA, **_EPS})
+LOSSES.add("ipo", ipo_loss, task="pairwise", needs_reference=True, paper="Azar et al. 2023, IPO",
+           monotone_in_logp1=False, docs={"tau": "regularisation: the target margin is 1/(2 tau)",
+                                          "length_normalize": "divide each log-ratio by its response length"})
+LOSSES.add("slic", slic_loss, task="pairwise", needs_reference=False, paper="Zhao et al. 2023, SLiC-HF",
+           monotone_in_logp1=True, docs={"delta": "hinge margin on logp1 - logp2",
+                                         "lam": "weight of the NLL regulariser on the chosen response"})
+LOSSES.add("kto", kto_loss, task="pointwise", needs_reference=True, paper="Ethayarajh et al. 2024, KTO",
+           monotone_in_logp1=False, docs={**_BETA, "desirable_weight": "lambda_D, weight of desirable rows",
+                                          "undesirable_weight": "lambda_U, weight of undesirable rows"})
+LOSSES.add("simpo", simpo_loss, task="pairwise", needs_reference=False, paper="Meng et al. 2024, SimPO",
+           monotone_in_logp1=True, docs={"beta": "scale of the length-normalised log-probs",
+                                         "gamma": "target reward margin"})
+LOSSES.add("orpo", orpo_loss, task="pairwise", needs_reference=False, paper="Hong et al. 2024, ORPO",
+           monotone_in_logp1=True, docs={"lam": "weight of the odds-ratio term"})
+LOSSES.add("robust-dpo", robust_dpo_loss, task="pairwise", needs_reference=True,
+           paper="Chowdhury et al. 2024, robust DPO", monotone_in_logp1=True,
+           docs={**_BETA, "label_smoothing": "known rate eps of flipped preference labels (< 0.5)"})
 
 
-def _spec(name: str) -> LossSpec:
+def _spec(name: str):
     try:
         return LOSSES[name]
     except KeyError:
@@ -296,12 +306,11 @@ def _spec(name: str) -> LossSpec:
 
 
 def hyperparameters(name: str) -> dict[str, float]:
-    """The keyword hyperparameters of loss `name` with their defaults, read from the function signature."""
-    params = inspect.signature(_spec(name).fn).parameters.values()
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    """The keyword hyperparameters of loss `name` with their defaults (the registry's, from the signature)."""
+    return {k: p.default for k, p in _spec(name).params.items()}
 
 
 def compute_loss(name: str, x: LossInputs, **hparams) -> tuple[Tensor, dict[str, Tensor]]:
-    """Call LOSSES[name].fn with the hparams it accepts (other names and None values are ignored)."""
+    """Call loss `name` with the hparams it accepts (other names and None values are ignored)."""
     spec, accepted = _spec(name), hyperparameters(name)
     return spec.fn(x, **{k: v for k, v in hparams.items() if k in accepted and v is not None})

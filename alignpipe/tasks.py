@@ -12,18 +12,17 @@ with the batch schema's names, where response1 is the chosen (or only) response 
                (median | mean | VALUE; equal to it = tie); a pair row gives chosen=desirable, rejected=not
     pairwise   pair rows ordered by preference (0.5 = tie); generations of one prompt paired by --pairs
 
-Ties (preference exactly 0.5, equal rewards) are dropped and counted; so are empty responses. Determinism:
-random choices use `random.Random(f"{seed}:{prompt_id}")`, so they depend only on the seed and the data.
+Ties (preference exactly 0.5, equal rewards) are dropped and counted; so are empty responses. Pairing of a
+prompt's generations: `alignpipe.pairing` (the one implementation `annotate` uses too; random choices
+depend only on the seed and the prompt id).
 """
 from __future__ import annotations
 
 import math
-import random
 import statistics
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import combinations
 
 from alignpipe.errors import UserError
 
@@ -35,7 +34,7 @@ _FIELDS = ("prompt_id", "prompt", "messages", "iteration", "response1", "respons
 
 @dataclass(frozen=True)
 class TaskOptions:
-    pairs: str = "best-worst"  # how generations of one prompt are paired: PAIRINGS name, or margin:X
+    pairs: str = "best-worst"  # how generations of one prompt are paired: an alignpipe.pairing spec
     threshold: str = "median"  # pointwise: median | mean | a number
     seed: int = 0
 
@@ -175,61 +174,30 @@ def _need_reward(row: dict, where: str, why: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- pairing
-def best_worst(rewards: list[float], rng: random.Random) -> list[tuple[int, int]]:
-    """The best against the worst generation (first of equals)."""
-    order = range(len(rewards))
-    return [(max(order, key=rewards.__getitem__), min(order, key=rewards.__getitem__))]
-
-
-def random_pair(rewards: list[float], rng: random.Random) -> list[tuple[int, int]]:
-    """One pair of two different generations drawn at random."""
-    return [tuple(rng.sample(range(len(rewards)), 2))]
-
-
-def all_pairs(rewards: list[float], rng: random.Random) -> list[tuple[int, int]]:
-    """Every pair of generations: n(n-1)/2."""
-    return list(combinations(range(len(rewards)), 2))
-
-
-PAIRINGS: dict[str, Callable] = {"best-worst": best_worst, "random": random_pair, "all": all_pairs}
-# plus "margin:X": every pair whose reward difference is >= X
-
-
-def parse_pairs(spec: str) -> tuple[str, float | None]:
-    """('best-worst' | 'random' | 'all', None) or ('margin', X) from a --pairs value."""
-    if spec in PAIRINGS:
-        return spec, None
-    if spec.startswith("margin:"):
-        try:
-            x = float(spec.split(":", 1)[1])
-        except ValueError:
-            x = float("nan")
-        if math.isfinite(x) and x >= 0:
-            return "margin", x
-        raise UserError(f"--pairs {spec}: the margin must be a number >= 0, e.g. margin:0.5")
-    raise UserError(f"--pairs '{spec}': unknown (known: {', '.join(PAIRINGS)}, margin:X)")
-
-
 def _pair_group(group: list[dict], opts: TaskOptions, where: str, counts: Counter) -> list[tuple[dict, dict]]:
-    """(chosen, rejected) generations of one prompt's pointwise rows, by the --pairs strategy."""
+    """(chosen, rejected) generations of one prompt's pointwise rows, by the --pairs pairing
+    (`alignpipe.pairing`, generations in sample-index order); pairs of equal rewards are ties, dropped."""
+    from alignpipe.pairing import PAIRINGS, pairs
+
     rewards = [_need_reward(row, where, f"pairing generations by --pairs {opts.pairs}") for row in group]
     if len(group) < 2:
         counts["single_generation_prompts"] += 1
         return []
-    name, margin = parse_pairs(opts.pairs)
-    if name == "margin":
-        candidates = [(a, b) for a, b in all_pairs(rewards, None) if abs(rewards[a] - rewards[b]) >= margin]
+    spec = PAIRINGS.parse(opts.pairs, flag="--pairs")
+    order = sorted(range(len(group)), key=lambda k: (group[k]["iteration"], group[k]["response1_sample_index"]
+                                                     if group[k]["response1_sample_index"] is not None else -1))
+    candidates = [(order[a], order[b]) for a, b in pairs(spec, [rewards[k] for k in order], opts.seed,
+                                                         group[0]["prompt_id"])]
+    if spec.name == "margin":
         counts["below_margin_dropped"] += len(group) * (len(group) - 1) // 2 - len(candidates)
-    else:
-        candidates = PAIRINGS[name](rewards, random.Random(f"{opts.seed}:{group[0]['prompt_id']}"))
-    pairs = []
+    out = []
     for a, b in candidates:
         if rewards[a] == rewards[b]:
             counts["ties_dropped"] += 1
         else:
             hi, lo = (a, b) if rewards[a] > rewards[b] else (b, a)
-            pairs.append((_gen(group[hi], 1), _gen(group[lo], 1)))
-    return pairs
+            out.append((_gen(group[hi], 1), _gen(group[lo], 1)))
+    return out
 
 
 def _pairs(rows: list[dict], where: str, opts: TaskOptions, counts: Counter) -> list[dict]:

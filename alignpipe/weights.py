@@ -5,8 +5,9 @@ A row is a *pair* when ``response2`` is set, else *pointwise*. Every strategy is
 ``fn(t, **hyperparameters) -> (w1, w2)``: one weight per response, ``w2[i]`` None on pointwise rows, every
 weight finite and >= 0. A pair's example weight (what train uses) is the mean of its two weights.
 
-Spec syntax (the `--strategy` flag): ``NAME[:k=v,...]``; a lone value without ``=`` is the first
-hyperparameter (``margin:2``, ``function:pkg.module:fn``). Several strategies multiply (``product``) or add
+Spec syntax (the `--strategy` flag): the registry's grammar ``NAME[:ARG][,key=value...]`` (alignpipe.registry);
+ARG is the first hyperparameter (``margin:2``, ``function:pkg.module:fn``, ``importance:MODEL``), and
+``margin:temperature=2`` reads as ``margin,temperature=2``. Several strategies multiply (``product``) or add
 (``sum``) per response. Post-processing then runs in this order, each step optional:
 
     strategies -> combine -> clip [LO, HI] -> normalise (mean 1 over the dataset or per prompt) -> drop < X
@@ -16,19 +17,16 @@ before dropping); normalising is a rescale, so the spread clip bounds (max/min <
 Clip bounds are therefore in the strategies' own units (e.g. importance ratios). Drop comes last so its
 threshold is in normalised units ("below 5% of the average") and the count is reported.
 
-Every strategy accepts an empty table: `parse_spec` calls it once, so bad hyperparameters fail before any
-work (model loading, forward passes) starts.
+Every strategy accepts an empty table: parsing calls it once, so bad hyperparameters fail before any work
+(model loading, forward passes) starts.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from alignpipe.errors import UserError
+from alignpipe.registry import Registry, load_function
 
 Weights = tuple[list[float], list]  # (w1, w2); w2[i] is None on pointwise rows
 
@@ -195,26 +193,12 @@ def class_balance(t, *, threshold: float | None = None) -> Weights:
     return _same(t, [n / (2 * n_good) if lab else n / (2 * (n - n_good)) for lab in labels])
 
 
-def load_function(target: str) -> Callable:
-    """The user function `pkg.module:fn` (the current directory is importable)."""
-    module, _, name = target.partition(":")
-    _require(bool(module and name), f"strategy function: '{target}' is not of the form pkg.module:fn")
-    if "" not in sys.path:
-        sys.path.insert(0, "")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"strategy function: cannot load '{target}' ({type(e).__name__}: {e})")
-    _require(callable(fn), f"strategy function: '{target}' is not callable")
-    return fn
-
-
 def function(t, *, target: str) -> Weights:
     """w = fn(table) for a user function `pkg.module:fn` given explicitly (never discovered).
 
     fn receives the table (dict of column -> list) and returns one weight per row (given to both responses)
     or a pair (w1, w2) of per-response lists (w2 ignored on pointwise rows); checked by `check_weights`."""
-    fn = load_function(target)
+    fn = load_function(target, "strategy function")
     if not num_rows(t):
         return [], []
     n = num_rows(t)
@@ -238,87 +222,39 @@ def _floats(seq, target: str, n: int) -> list[float]:
     return out
 
 
-@dataclass(frozen=True)
-class Strategy:
-    fn: Callable[..., Weights]
-    rows: str  # rows it accepts: "pair" | "pointwise" | "any"
-    needs: tuple[str, ...] = ()  # columns that must be non-null (response2_* only on pair rows)
-    forward: bool = False  # needs the current policy's log-probs (the stage computes current_logp1/2)
+# ------------------------------------------------------------------------------------------------ table
+def _validate(spec) -> None:
+    """Every strategy accepts an empty table: bad hyperparameter values fail here, before any work."""
+    spec.component.fn(empty_table(), **spec.kwargs)
 
 
-STRATEGIES: dict[str, Strategy] = {
-    "constant": Strategy(constant, "any"),
-    "margin": Strategy(margin, "pair", ("response1_reward", "response2_reward")),
-    "abs-margin": Strategy(abs_margin, "pair", ("response1_reward", "response2_reward")),
-    "confidence": Strategy(confidence, "pair", ("preference",)),
-    "agreement": Strategy(agreement, "pair", ("preference",)),
-    "length-norm": Strategy(length_norm, "any"),
-    "recency": Strategy(recency, "any"),
-    "importance": Strategy(importance, "any", ("response1_behaviour_logp", "response2_behaviour_logp"),
-                           forward=True),
-    "class-balance": Strategy(class_balance, "pointwise"),
-    "function": Strategy(function, "any"),
-}
-
-
-# ------------------------------------------------------------------------------------------------ specs
-@dataclass(frozen=True)
-class Spec:
-    """A parsed `--strategy`: the strategy's name and its hyperparameters (given ones only)."""
-
-    name: str
-    params: dict
-
-    def __str__(self) -> str:
-        """Canonical text with every hyperparameter, defaults included (for reports)."""
-        values = {k: p.default for k, p in hyperparameters(self.name).items()} | self.params
-        return self.name + (":" + ",".join(f"{k}={v}" for k, v in values.items()) if values else "")
-
-
-def hyperparameters(name: str) -> dict[str, inspect.Parameter]:
-    """The keyword-only parameters of a strategy function: its hyperparameters, in order."""
-    sig = inspect.signature(STRATEGIES[name].fn)
-    return {k: p for k, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
-
-
-def usage(name: str) -> str:
-    """`name[:k=default,...]` for help texts."""
-    hp = hyperparameters(name)
-    items = [f"{k}={'...' if p.default is p.empty else p.default}" for k, p in hp.items()]
-    return name + (":" + ",".join(items) if items else "")
-
-
-def _convert(name: str, key: str, annotation: str, raw: str):
-    raw = raw.strip()
-    kind = "float" if annotation.startswith("float") else "int" if annotation.startswith("int") else "str"
-    try:
-        value = {"float": float, "int": int, "str": str}[kind](raw)
-    except ValueError:
-        raise UserError(f"--strategy {name}: {key}={raw!r} is not {'an integer' if kind == 'int' else 'a number'}")
-    if kind == "float" and not math.isfinite(value):
-        raise UserError(f"--strategy {name}: {key}={raw!r} is not finite")
-    return value
-
-
-def parse_spec(text: str) -> Spec:
-    """`NAME[:k=v,...]` -> Spec; checks the name, the keys, their types and (on an empty table) their values."""
-    name, _, rest = text.strip().partition(":")
-    if name not in STRATEGIES:
-        raise UserError(f"--strategy '{text}': unknown strategy '{name}' (known: {', '.join(STRATEGIES)})")
-    hp, params = hyperparameters(name), {}
-    for j, item in enumerate(rest.split(",") if rest else []):
-        key, eq, raw = item.partition("=")
-        if not eq:
-            _require(j == 0 and bool(hp), f"--strategy '{text}': expected k=v, found '{item}' ({usage(name)})")
-            key, raw = next(iter(hp)), item
-        key = key.strip()
-        _require(key in hp, f"--strategy '{text}': unknown parameter '{key}' (known: {', '.join(hp) or 'none'})")
-        _require(key not in params, f"--strategy '{text}': parameter '{key}' given twice")
-        params[key] = _convert(name, key, str(hp[key].annotation), raw)
-    missing = [k for k, p in hp.items() if p.default is p.empty and k not in params]
-    _require(not missing, f"--strategy '{text}': missing parameter(s) {', '.join(missing)} ({usage(name)})")
-    STRATEGIES[name].fn(empty_table(), **params)  # hyperparameter values fail here, before any work
-    return Spec(name, params)
+# One row per strategy: rows it accepts (pair | pointwise | any), the columns it needs non-null (response2_*
+# only on pair rows), whether it needs the current policy's log-probs (the stage runs a forward pass), the
+# parameter an ARG fills (`margin:2`), and one line per hyperparameter.
+STRATEGIES = Registry("strategy", "--strategy", validate=_validate,
+                      doc="Per-response training weights (alignpipe/weights.py); `reweight --strategy`.")
+_R = ("response1_reward", "response2_reward")
+STRATEGIES.add("constant", constant, rows="any", needs=(), forward=False, arg="value",
+               docs={"value": "the weight, >= 0"})
+STRATEGIES.add("margin", margin, rows="pair", needs=_R, forward=False, arg="temperature",
+               docs={"temperature": "scale of the reward margin, > 0"})
+STRATEGIES.add("abs-margin", abs_margin, rows="pair", needs=_R, forward=False, arg="clip",
+               docs={"clip": "upper bound of the weight (none: unbounded)"})
+STRATEGIES.add("confidence", confidence, rows="pair", needs=("preference",), forward=False)
+STRATEGIES.add("agreement", agreement, rows="pair", needs=("preference",), forward=False)
+STRATEGIES.add("length-norm", length_norm, rows="any", needs=(), forward=False, arg="alpha",
+               docs={"alpha": "exponent: 0 gives 1, 1 a per-token weighting", "by": "tokens | chars"})
+STRATEGIES.add("recency", recency, rows="any", needs=(), forward=False, arg="decay",
+               docs={"decay": "factor per iteration of age, in (0, 1]",
+                     "current": "the newest iteration (default: the newest in the data)"})
+STRATEGIES.add("importance", importance, rows="any", needs=("response1_behaviour_logp", "response2_behaviour_logp"),
+               forward=True, arg="policy", docs={"policy": "the current policy's model folder",
+                                                 "clip": "bound the ratio to [1/c, c], c >= 1",
+                                                 "truncate": "cap the ratio at c"})
+STRATEGIES.add("class-balance", class_balance, rows="pointwise", needs=(), forward=False, arg="threshold",
+               docs={"threshold": "label rows by response1_reward >= threshold where the label is null"})
+STRATEGIES.add("function", function, rows="any", needs=(), forward=False, arg="target", metavar="MODULE:FN",
+               docs={"target": "your fn(table) -> weights, as pkg.module:fn"})
 
 
 def empty_table() -> dict:
@@ -385,9 +321,9 @@ def check_weights(w: Weights, t: dict, who: str) -> None:
                      f"row {i}: {who} gave response{k} weight {v} (weights must be finite and >= 0)")
 
 
-def run_strategy(spec: Spec, t: dict) -> Weights:
+def run_strategy(spec, t: dict) -> Weights:
     check_rows(spec.name, t)
-    w = STRATEGIES[spec.name].fn(t, **spec.params)
+    w = spec.component.fn(t, **spec.kwargs)
     check_weights(w, t, f"strategy {spec.name}")
     return w
 
@@ -437,6 +373,19 @@ def normalize(w: Weights, how: str, prompt_ids: list[str]) -> tuple[Weights, int
         for i in rows:
             scale[i] = 1 / mean if mean > 0 else 1.0
     return ([a * s for a, s in zip(w[0], scale)], [None if b is None else b * s for b, s in zip(w[1], scale)]), zero
+
+
+def weight_summary(weights) -> dict:
+    """Distribution of weights and the effective sample size ESS = (sum w)^2 / sum w^2 (Kish)."""
+    import numpy as np
+
+    w = np.array([x for x in weights if x is not None], dtype=float)
+    if not w.size:
+        return {}
+    ess = float(w.sum() ** 2 / max((w**2).sum(), 1e-300))
+    q = np.percentile(w, [5, 50, 95])
+    return {"ess": ess, "ess_fraction": ess / w.size, "p5": float(q[0]), "p50": float(q[1]), "p95": float(q[2]),
+            "zeros": int((w == 0).sum())}
 
 
 def keep_rows(w: Weights, below: float | None) -> list[int]:

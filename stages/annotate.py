@@ -14,12 +14,11 @@ default 1; pairwise weights must be > 0):
                            P = sigmoid(r1 - r2)              when none did (e.g. only pointwise annotators)
 `preference` is P(response1 preferred over response2).
 
-Pairing (`--pairing`; default `all` when an annotator is pairwise, else `pointwise`):
-    pointwise   one row per generation (response2 null)
-    all         every pair i < j of a prompt's generations, in sample-index order
-    random      one pair per prompt, drawn by random.Random(f"{seed}:{prompt_id}") (independent of sharding)
-    best-worst  the highest against the lowest combined pointwise reward (response1 = the best; ties: lower
-                sample index is the best, higher the worst)
+Pairing (`--pairing`; default `all` when an annotator is pairwise, else `pointwise`): `pointwise` (one row
+per generation, response2 null) or a pairing of `alignpipe.pairing` (the one implementation, shared with
+build-batches): all (every pair i < j in sample-index order), random (one pair per prompt, seeded by the
+prompt id), best-worst (the highest against the lowest combined pointwise reward, response1 = the best; ties:
+the first of the highest against the last of the lowest), margin:X (pairs whose rewards differ by >= X).
 Prompts with fewer than two generations give no pair (counted in the manifest). An `annotations` input
 (e.g. imported pairs to re-judge) keeps its rows and their pairing.
 
@@ -30,7 +29,6 @@ and reading OUT concatenates the parts, equal to a one-process run row for row.
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 from typing import Annotated
 
@@ -44,11 +42,10 @@ from alignpipe.cli_common import (
     handle_errors,
     resolved_config,
     say,
-    up_to_date_message,
+    up_to_date_line,
 )
 from alignpipe.errors import UserError
 
-PAIRINGS = ("pointwise", "all", "random", "best-worst")
 COMBINATION = ("reward = sum_k w_k*score_k over pointwise annotators (null if one abstained); preference = "
                "sum_k w_k*P_k / sum_k w_k over pairwise annotators with a verdict, else sigmoid(r1 - r2)")
 
@@ -101,24 +98,16 @@ def combined_preference(verdicts: list[Verdict], weights: list[float], r1, r2) -
     return 1.0 / (1.0 + math.exp(-(r1 - r2))) if r1 - r2 > -700 else 0.0
 
 
-def make_pairs(gens: list[dict], pairing: str, rewards: dict, seed: int) -> list[tuple[dict, dict | None]]:
-    """The (response1, response2) units of one prompt's generations under a pairing."""
+def make_pairs(gens: list[dict], pairing, rewards: dict, seed: int) -> list[tuple[dict, dict | None]]:
+    """The (response1, response2) units of one prompt's generations: one per generation (pairing
+    'pointwise'), else the pairs of `alignpipe.pairing` over the generations in sample-index order."""
+    from alignpipe.pairing import pairs
+
     gens = sorted(gens, key=lambda g: g["sample_index"])
     if pairing == "pointwise":
         return [(g, None) for g in gens]
-    if pairing == "all":
-        return [(a, b) for i, a in enumerate(gens) for b in gens[i + 1:]]
-    if pairing == "random":
-        if len(gens) < 2:
-            return []
-        i, j = sorted(random.Random(f"{seed}:{gens[0]['prompt_id']}").sample(range(len(gens)), 2))
-        return [(gens[i], gens[j])]
-    scored = [g for g in gens if rewards.get(_key(g)) is not None]
-    if len(scored) < 2:
-        return []
-    best = max(scored, key=lambda g: (rewards[_key(g)], -g["sample_index"]))
-    worst = min(scored, key=lambda g: (rewards[_key(g)], -g["sample_index"]))
-    return [(best, worst)] if best is not worst else []
+    found = pairs(pairing, [rewards.get(_key(g)) for g in gens], seed, gens[0]["prompt_id"])
+    return [(gens[i], gens[j]) for i, j in found]
 
 
 def _raw(name: str, v1: Verdict | None, v2: Verdict | None, pv: Verdict | None) -> dict:
@@ -164,7 +153,8 @@ def annotate(ds, kind: str, annotators: list, weights: list[float], pairing: str
     scores = _score_all(gens, [a for a, _ in point], where)
     rewards = {k: combined_reward([s[k] for s in scores], [w for _, w in point]) for k in where}
     if units is None:
-        units = [(a, b, pairing) for idx in group_by_prompt([g["prompt_id"] for g in gens])
+        name = pairing if isinstance(pairing, str) else pairing.identity()
+        units = [(a, b, name) for idx in group_by_prompt([g["prompt_id"] for g in gens])
                  for a, b in make_pairs([gens[i] for i in idx], pairing, rewards, seed)]
     pair_verdicts = _compare_all(units, [a for a in annotators if a.pairwise], where)
     return _to_dataset(_rows(units, annotators, weights, scores, pair_verdicts, rewards))
@@ -223,10 +213,10 @@ def _to_dataset(rows: list[dict]):
 
 # -- command ----------------------------------------------------------------------------------------------
 def parse_weights(text: str | None, specs: list) -> list[float]:
-    if text is not None and any(s.weight is not None for s in specs):
+    if text is not None and any(s.values["weight"] is not None for s in specs):
         raise UserError("--weights and ',weight=' in an --annotator spec both given; use one of them")
     if text is None:
-        weights = [1.0 if s.weight is None else s.weight for s in specs]
+        weights = [1.0 if s.values["weight"] is None else s.values["weight"] for s in specs]
     else:
         try:
             weights = [float(w) for w in text.split(",")]
@@ -235,30 +225,36 @@ def parse_weights(text: str | None, specs: list) -> list[float]:
         if len(weights) != len(specs):
             raise UserError(f"--weights '{text}': {len(weights)} weights for {len(specs)} annotators")
     for s, w in zip(specs, weights):
-        if not math.isfinite(w) or (s.info.pairwise and w <= 0):
+        if not math.isfinite(w) or (s.component.pairwise and w <= 0):
             raise UserError(f"--annotator '{s.text}': weight {w} must be finite"
                             + (" and > 0 (a pairwise annotator's weight scales a probability)"
-                               if s.info.pairwise else ""))
+                               if s.component.pairwise else ""))
     return weights
 
 
-def resolve_pairing(pairing: str | None, specs: list, kind: str, path: Path) -> str:
-    pairwise = [s for s in specs if s.info.pairwise]
+def resolve_pairing(pairing: str | None, specs: list, kind: str, path: Path):
+    """'as-input' (annotations keep their pairing), 'pointwise', or a parsed pairing of alignpipe.pairing."""
+    from alignpipe.pairing import PAIRINGS
+
+    pairwise = [s for s in specs if s.component.pairwise]
     if kind == "annotations":
         if pairing is not None:
             raise UserError(f"--pairing {pairing}: {path} is an annotations dataset; its rows keep their "
                             f"pairing")
         return "as-input"
     pairing = pairing or ("all" if pairwise else "pointwise")
-    if pairing not in PAIRINGS:
-        raise UserError(f"--pairing '{pairing}': unknown (known: {', '.join(PAIRINGS)})")
-    if pairing == "pointwise" and pairwise:
-        raise UserError(f"--pairing pointwise: pairwise annotator '{pairwise[0].text}' needs pairs "
-                        f"(use --pairing all, random or best-worst)")
-    if pairing == "best-worst" and len(pairwise) == len(specs):
-        raise UserError("--pairing best-worst: needs a pointwise annotator (reward model, rule, ...) to rank "
-                        "the generations")
-    return pairing
+    if pairing == "pointwise":
+        if pairwise:
+            raise UserError(f"--pairing pointwise: pairwise annotator '{pairwise[0].text}' needs pairs "
+                            f"(use --pairing {', '.join(PAIRINGS)})")
+        return pairing
+    if pairing.partition(",")[0].partition(":")[0] not in PAIRINGS:
+        raise UserError(f"--pairing '{pairing}': unknown (known: pointwise, {', '.join(PAIRINGS)})")
+    spec = PAIRINGS.parse(pairing)
+    if spec.component.needs_rewards and len(pairwise) == len(specs):
+        raise UserError(f"--pairing {spec.name}: needs a pointwise annotator (reward model, rule, ...) to rank "
+                        f"the generations")
+    return spec
 
 
 def _check_generations(ds, path: Path) -> None:
@@ -305,7 +301,8 @@ def command(
         help="NAME[:ARG][,key=value...] (repeatable); any takes ,weight=W. Known:\n\n\b\n" + help_text())],
     weights: Annotated[str | None, typer.Option(help="Weights of the annotators in order: 1,0.5.")] = None,
     pairing: Annotated[str | None, typer.Option(
-        help=f"{' | '.join(PAIRINGS)} (default: all if an annotator is pairwise, else pointwise).")] = None,
+        help="pointwise | all | random | best-worst | margin:X (default: all if an annotator is pairwise, else "
+             "pointwise).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of --pairing random.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward of local models.")] = 8,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 for local models.")] = "float32",
@@ -320,43 +317,51 @@ def command(
     force: ForceOpt = False,
 ):
     """Rewards and preferences from reward models, LM judges, HTTP judges, rules and your functions."""
+    runtime = Runtime(device=device, dtype=dtype, batch_size=batch_size, cache_dir=cache_dir)
+    say(run(input, out, annotator or [], weights=weights, pairing=pairing, seed=seed, runtime=runtime,
+            shard_size=shard_size, num_shards=num_shards, shard_index=shard_index,
+            config=resolved_config(ctx, drop=("force", "config", "out", "cache_dir")), force=force))
+
+
+def run(input: Path, out: Path, annotator: list[str], *, weights: str | None, pairing: str | None, seed: int,
+        runtime: Runtime, shard_size: int, num_shards: int | None, shard_index: int | None, config: dict,
+        force: bool) -> str:
+    """The stage around the core: parse and check, shard over prompts (resumable), atomic output; returns
+    the line to print."""
     from alignpipe.annotators import build, parse_spec, spec_inputs
     from alignpipe.io import read_input
     from alignpipe.output import StageOutput, map_shards, part_path, process_shard
 
-    specs = [parse_spec(s) for s in annotator or []]
+    specs = [parse_spec(s) for s in annotator]
     if not specs:
         raise UserError("annotate: give at least one --annotator (known: " + ", ".join(ANNOTATORS) + ")")
     weights_ = parse_weights(weights, specs)
     num_shards, shard_index = process_shard(num_shards, shard_index)
     ds, kind = read_input(input, ("generations", "annotations"), stage="annotate")
     pairing_ = resolve_pairing(pairing, specs, kind, input)
+    name = pairing_ if isinstance(pairing_, str) else pairing_.identity()
     if kind == "generations":
         _check_generations(ds, input)
     keys = ds["prompt_id"] if kind == "generations" else [str(i) for i in range(len(ds))]
-    groups = _check_groups(group_by_prompt(keys), pairing_, num_shards, shard_index, input)
+    groups = _check_groups(group_by_prompt(keys), name, num_shards, shard_index, input)
     inputs = [input] + [p for s in specs for p in spec_inputs(s)]
     target = part_path(out, num_shards, shard_index) if num_shards > 1 else out
-    cfg = {**resolved_config(ctx, drop=("force", "config", "out", "cache_dir")), "pairing": pairing_,
-           "weights": weights_, "annotator": [s.identity() for s in specs]}
+    cfg = {**config, "pairing": name, "weights": weights_, "annotator": [s.identity() for s in specs]}
     so = StageOutput(target, stage="annotate", kind="annotations", config=cfg, inputs=inputs, force=force)
     if so.up_to_date():
-        return up_to_date_message("annotate", target)
-    runtime = Runtime(device=device, dtype=dtype, batch_size=batch_size, cache_dir=cache_dir)
+        return up_to_date_line("annotate", target)
     annotators = [build(s, runtime) for s in specs]
-    work = _groups_dataset(groups)
 
     def fn(part, index):
         rows = [i for g in part["rows"] for i in g]
         return annotate(ds.select(rows), kind, annotators, weights_, pairing_, seed, row_ids=rows)
 
     with so:
-        result = map_shards(so, work, fn, shard_size, desc="annotate")
-        so.report = {**_summary(result, annotators, len(groups), pairing_), "weights": weights_,
-                     "combination": COMBINATION,
-                     "annotators": [a.describe() for a in annotators], **so.report}
+        result = map_shards(so, _groups_dataset(groups), fn, shard_size, desc="annotate")
+        so.report = {**_summary(result, annotators, len(groups), name), "weights": weights_,
+                     "combination": COMBINATION, "annotators": [a.describe() for a in annotators], **so.report}
         so.finish(result)
-    say(f"annotate: {len(result)} rows ({pairing_}) from {len(groups)} prompts -> {target}")
+    return f"annotate: {len(result)} rows ({name}) from {len(groups)} prompts -> {target}"
 
 
 def _groups_dataset(groups: list[list[int]]):

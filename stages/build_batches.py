@@ -30,9 +30,10 @@ from alignpipe.cli_common import (
     handle_errors,
     resolved_config,
     say,
-    up_to_date_message,
+    up_to_date_line,
 )
 from alignpipe.errors import UserError
+from alignpipe.pairing import PAIRINGS
 from alignpipe.tasks import TASKS
 
 
@@ -72,8 +73,7 @@ def build_batches(inputs: list[tuple], tokenizer, task: str, opts: BatchOptions)
     """(dataset of kind batches-<task>, report) from [(dataset, kind, name)] inputs."""
     from datasets import Dataset
 
-    from alignpipe import schemas
-    from alignpipe import batching, tasks
+    from alignpipe import batching, schemas, tasks
 
     spec = tasks.task(task)
     batching.check_lengths(opts.max_length, opts.max_prompt_length)
@@ -149,6 +149,9 @@ def _options(batch_size, max_tokens_per_batch, mix, num_inputs, **kw) -> BatchOp
                         max_tokens_per_batch=max_tokens_per_batch, mix=tuple(props) if props else None, **kw)
 
 
+_PAIRS_HELP = "Pairing of generations of one prompt: " + " | ".join(PAIRINGS.usage(n) for n in PAIRINGS) + "."
+
+
 @handle_errors
 def command(
     ctx: typer.Context,
@@ -172,8 +175,7 @@ def command(
     mix: Annotated[str | None, typer.Option(help="Proportions per input, e.g. 0.5,0.3,0.2.")] = None,
     num_examples: Annotated[int | None, typer.Option(min=1, help="Examples in all with --mix [default: the most "
                                                              "that repeats none].")] = None,
-    pairs: Annotated[str, typer.Option(help="Pairing of generations of one prompt: best-worst | random | all | "
-                                            "margin:X.")] = "best-worst",
+    pairs: Annotated[str, typer.Option(help=_PAIRS_HELP)] = "best-worst",
     threshold: Annotated[str, typer.Option(help="pointwise: reward above = desirable: median | mean | VALUE.")]
     = "median",
     reference: Annotated[Path | None, typer.Option(help="Reference model (folder or adapter): cache its "
@@ -186,30 +188,40 @@ def command(
     force: ForceOpt = False,
 ):
     """Tokenise, truncate, pair and batch feedback into training examples; optionally cache reference log-probs."""
+    opts = _options(batch_size, max_tokens_per_batch, mix, len(inputs), max_length=max_length,
+                    max_prompt_length=max_prompt_length, group_by_length=group_by_length, group_size=group_size,
+                    seed=seed, use_chat_template=not no_chat_template, num_examples=num_examples, pairs=pairs,
+                    threshold=threshold)
+    say(run(inputs, out, task=task, opts=opts, tokenizer=tokenizer, chat_template=chat_template,
+            reference=reference, dtype=dtype, device=device, batch_size_ref=batch_size_ref, shard_size=shard_size,
+            config=resolved_config(ctx), force=force))
+
+
+def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokenizer: Path | None,
+        chat_template: Path | None, reference: Path | None, dtype: str, device: str, batch_size_ref: int,
+        shard_size: int, config: dict, force: bool) -> str:
+    """The stage around the core: checks, reading, the atomic output, the reference pass in resumable
+    shards; returns what to print."""
     from alignpipe import tasks
     from alignpipe.io import read_input
     from alignpipe.models import load_causal_lm, load_tokenizer
     from alignpipe.output import StageOutput, map_shards
 
     spec = tasks.task(task)
-    tasks.parse_pairs(pairs)
-    tasks.parse_threshold(threshold)
+    PAIRINGS.parse(opts.pairs, flag="--pairs")
+    tasks.parse_threshold(opts.threshold)
     if reference is not None and spec.kind not in ("batches-pointwise", "batches-pairwise"):
         raise UserError(f"--reference: {spec.kind} has no reference log-prob columns (pointwise, pairwise have)")
     if tokenizer is None and reference is None:
         raise UserError("--tokenizer MODEL is needed (or --reference MODEL, whose tokenizer is then used)")
-    opts = _options(batch_size, max_tokens_per_batch, mix, len(inputs), max_length=max_length,
-                    max_prompt_length=max_prompt_length, group_by_length=group_by_length, group_size=group_size,
-                    seed=seed, use_chat_template=not no_chat_template, num_examples=num_examples, pairs=pairs,
-                    threshold=threshold)
     data = [(*read_input(p, spec.input_kinds, stage="build-batches"), str(p)) for p in inputs]
     tok_path = tokenizer or reference
     models = [tok_path] + ([reference] if reference is not None and reference != tok_path else [])
     template = [chat_template] if chat_template is not None else []
-    so = StageOutput(out, stage="build-batches", kind=spec.kind, config=resolved_config(ctx),
+    so = StageOutput(out, stage="build-batches", kind=spec.kind, config=config,
                      inputs=list(inputs) + models + template, force=force)
     if so.up_to_date():
-        return up_to_date_message("build-batches", out)
+        return up_to_date_line("build-batches", out)
     tok = load_tokenizer(tok_path, chat_template=chat_template)
     with so:
         ds, so.report = build_batches(data, tok, task, opts)
@@ -224,11 +236,15 @@ def command(
 
             ds = map_shards(so, ds, shard, shard_size, "reference log-probs")
         so.finish(ds)
-    r = so.report
-    say(f"build-batches: {r['examples']} {task} examples in {r['batches']} batches -> {out}")
-    say(f"padding: {r['padding_fraction']:.1%} length-grouped vs {r['padding_fraction_random']:.1%} random batching; "
-        f"truncated: {r['prompts_truncated']} prompts, {r['responses_truncated']} responses")
+    return _report_lines(so.report, task, out)
+
+
+def _report_lines(r: dict, task: str, out: Path) -> str:
+    lines = [f"build-batches: {r['examples']} {task} examples in {r['batches']} batches -> {out}",
+             f"padding: {r['padding_fraction']:.1%} length-grouped vs {r['padding_fraction_random']:.1%} random "
+             f"batching; truncated: {r['prompts_truncated']} prompts, {r['responses_truncated']} responses"]
     for info in r["inputs"]:
         dropped = {k: v for k, v in info.items() if k not in ("path", "kind", "rows", "examples")}
-        say(f"  {info['path']}: {info['rows']} {info['kind']} rows -> {info['examples']} examples"
-            + (f" ({', '.join(f'{k} {v}' for k, v in dropped.items())})" if dropped else ""))
+        lines.append(f"  {info['path']}: {info['rows']} {info['kind']} rows -> {info['examples']} examples"
+                     + (f" ({', '.join(f'{k} {v}' for k, v in dropped.items())})" if dropped else ""))
+    return "\n".join(lines)

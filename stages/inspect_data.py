@@ -10,6 +10,7 @@ import typer
 
 from alignpipe.cli_common import handle_errors
 from alignpipe.errors import UserError
+from alignpipe.weights import weight_summary
 
 
 def _numeric_stats(values) -> dict:
@@ -32,19 +33,6 @@ def _length_stats(values) -> dict:
     p = np.percentile(lens, [0, 50, 90, 99, 100])
     return {"count": int(lens.size), "tokens_p0": int(p[0]), "tokens_p50": float(p[1]), "tokens_p90": float(p[2]),
             "tokens_p99": float(p[3]), "tokens_max": int(p[4]), "tokens_total": int(lens.sum())}
-
-
-def weight_summary(weights) -> dict:
-    """Distribution of weights and the effective sample size ESS = (sum w)^2 / sum w^2 (Kish)."""
-    import numpy as np
-
-    w = np.array([x for x in weights if x is not None], dtype=float)
-    if not w.size:
-        return {}
-    ess = float(w.sum() ** 2 / max((w**2).sum(), 1e-300))
-    q = np.percentile(w, [5, 50, 95])
-    return {"ess": ess, "ess_fraction": ess / w.size, "p5": float(q[0]), "p50": float(q[1]), "p95": float(q[2]),
-            "zeros": int((w == 0).sum())}
 
 
 def summarise(ds, kind: str | None) -> dict:

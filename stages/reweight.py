@@ -24,7 +24,7 @@ from alignpipe.cli_common import (
     handle_errors,
     resolved_config,
     say,
-    up_to_date_message,
+    up_to_date_line,
 )
 from alignpipe.errors import UserError
 
@@ -32,7 +32,7 @@ SHARD_ROWS = 512  # rows per checkpointed shard of the importance forward pass
 
 
 # ------------------------------------------------------------------------------------------------ cores
-def check(t: dict, specs: list[W.Spec]) -> None:
+def check(t: dict, specs: list) -> None:
     """Cheap checks of the rows against the data and every strategy (before any forward pass)."""
     W.validate_table(t)
     for s in specs:
@@ -40,13 +40,11 @@ def check(t: dict, specs: list[W.Spec]) -> None:
 
 
 def _summary(values: list) -> dict:
-    from alignpipe.stages.inspect_data import weight_summary
-
     w = [v for v in values if v is not None]
-    return {"mean": math.fsum(w) / len(w), "min": min(w), "max": max(w), "ess": weight_summary(w)["ess"]}
+    return {"mean": math.fsum(w) / len(w), "min": min(w), "max": max(w), "ess": W.weight_summary(w)["ess"]}
 
 
-def reweight(ds, specs: list[W.Spec], *, combine: str = "product", clip: tuple = (None, None),
+def reweight(ds, specs: list, *, combine: str = "product", clip: tuple = (None, None),
              normalize: str = "none", drop_below: float | None = None, current: tuple | None = None,
              where: str = "input"):
     """Pure core: annotations -> (weighted dataset, report).
@@ -78,10 +76,8 @@ def reweight(ds, specs: list[W.Spec], *, combine: str = "product", clip: tuple =
 
 
 def _report(specs, per: dict, w1: list, w2: list, rows_in: int, zero_prompts: int) -> dict:
-    from alignpipe.stages.inspect_data import weight_summary
-
     ex = W.example_weights((w1, w2))
-    final = weight_summary(ex)
+    final = W.weight_summary(ex)
     report = {"strategies": [str(s) for s in specs], "rows_in": rows_in, "rows_out": len(ex),
               "dropped": rows_in - len(ex), "weight_mean": math.fsum(ex) / len(ex), "weight_min": min(ex),
               "weight_max": max(ex), "ess": final["ess"], "ess_fraction": final["ess_fraction"],
@@ -112,14 +108,14 @@ def parse_clip(text: str | None) -> tuple[float | None, float | None]:
 def _check_options(specs, combine: str, normalize: str, drop_below: float | None) -> list[str]:
     """Fail on bad options before reading anything; return the importance policy folder (at most one)."""
     if not specs:
-        raise UserError(f"give at least one --strategy NAME[:k=v,...] (known: {', '.join(W.STRATEGIES)})")
+        raise UserError(f"give at least one --strategy NAME[:ARG][,key=value...] (known: {', '.join(W.STRATEGIES)})")
     if combine not in W.COMBINE:
         raise UserError(f"--combine '{combine}': unknown (known: {', '.join(W.COMBINE)})")
     if normalize not in W.NORMALIZE:
         raise UserError(f"--normalize '{normalize}': unknown (known: {', '.join(W.NORMALIZE)})")
     if drop_below is not None and not (math.isfinite(drop_below) and drop_below >= 0):
         raise UserError(f"--drop-below {drop_below}: must be a finite number >= 0")
-    policies = sorted({s.params["policy"] for s in specs if W.STRATEGIES[s.name].forward})
+    policies = sorted({s.values["policy"] for s in specs if s.component.forward})
     if len(policies) > 1:
         raise UserError(f"--strategy importance: one current policy per run, found {', '.join(policies)}")
     return policies
@@ -130,7 +126,7 @@ def _function_files(specs) -> list[Path]:
     files = []
     for s in specs:
         if s.name == "function":
-            module = sys.modules.get(s.params["target"].partition(":")[0])
+            module = sys.modules.get(s.values["target"].partition(":")[0])
             if getattr(module, "__file__", None):
                 files.append(Path(module.__file__))
     return files
@@ -157,7 +153,7 @@ def _forward(so, ds, policy: str, *, device: str, dtype: str, batch_size: int) -
 
 
 def _strategy_help() -> str:
-    return "Strategy NAME[:k=v,...], repeatable: " + "; ".join(W.usage(n) for n in W.STRATEGIES) + "."
+    return "NAME[:ARG][,key=value...], repeatable, one of:\n\n\b\n" + W.STRATEGIES.help_text()
 
 
 @handle_errors
@@ -178,11 +174,20 @@ def command(
     force: ForceOpt = False,
 ):
     """Give every response a training weight: strategies -> combine -> clip -> normalise -> drop."""
+    say(run(annotations, out, strategies=strategy or [], combine=combine, clip=clip, normalize=normalize,
+            drop_below=drop_below, device=device, dtype=dtype, batch_size=batch_size,
+            config=resolved_config(ctx), force=force))
+
+
+def run(annotations: Path, out: Path, *, strategies: list[str], combine: str, clip: str | None, normalize: str,
+        drop_below: float | None, device: str, dtype: str, batch_size: int, config: dict, force: bool) -> str:
+    """The stage around the core: parse and check, read, resumable importance forward, atomic output;
+    returns the line to print."""
     from alignpipe.io import read_input
     from alignpipe.models import check_model_folder
     from alignpipe.output import StageOutput
 
-    specs = [W.parse_spec(s) for s in strategy or []]
+    specs = [W.STRATEGIES.parse(s) for s in strategies]
     policies = _check_options(specs, combine, normalize, drop_below)
     bounds = parse_clip(clip)
     if batch_size < 1:
@@ -191,9 +196,9 @@ def command(
         check_model_folder(p, "importance policy")
     ds, _ = read_input(annotations, "annotations", stage="reweight")
     inputs = [annotations, *map(Path, policies), *_function_files(specs)]
-    so = StageOutput(out, stage="reweight", kind="weighted", config=resolved_config(ctx), inputs=inputs, force=force)
+    so = StageOutput(out, stage="reweight", kind="weighted", config=config, inputs=inputs, force=force)
     if so.up_to_date():
-        return up_to_date_message("reweight", out)
+        return up_to_date_line("reweight", out)
 
     def core(current=None):
         return reweight(ds, specs, combine=combine, clip=bounds, normalize=normalize, drop_below=drop_below,
@@ -210,14 +215,10 @@ def command(
             result = core(_forward(so, ds, policies[0], device=device, dtype=dtype, batch_size=batch_size))
         so.report = {**result[1], **so.report}  # + resumed_shards of the forward pass
         so.finish(result[0])
-    _say_report(so.report, out)
+    return _report_line(so.report, out)
 
 
-command.__doc__ += "\n\n\b\nStrategies (see alignpipe/weights.py):\n" + "\n".join(
-    f"  {name:<14}{W.STRATEGIES[name].fn.__doc__.splitlines()[0]}" for name in W.STRATEGIES)
-
-
-def _say_report(r: dict, out: Path) -> None:
+def _report_line(r: dict, out: Path) -> str:
     spread = f"weight mean {r['weight_mean']:.4g} [{r['weight_min']:.4g}, {r['weight_max']:.4g}]"
     parts = [f"{r['rows_out']} rows", spread, f"ESS {r['ess']:.1f} ({100 * r['ess_fraction']:.0f}%)"]
     if "importance_ess" in r:
@@ -226,4 +227,4 @@ def _say_report(r: dict, out: Path) -> None:
         parts.append(f"dropped {r['dropped']} rows below {r['drop_below']:g}")
     if r["zero_weight_prompts"]:
         parts.append(f"{r['zero_weight_prompts']} prompts with weight 0")
-    say(f"reweight: {', '.join(parts)} -> {out}")
+    return f"reweight: {', '.join(parts)} -> {out}"

@@ -304,7 +304,7 @@ def test_resume_after_a_crash_keeps_finished_shards(tmp_path, gens, monkeypatch)
 @pytest.mark.parametrize("name", list(ANNOTATORS))
 def test_every_registered_annotator_parses_and_is_documented(name):
     info = ANNOTATORS[name]
-    spec_text = name + (":ARG" if info.arg else "") + (",model=m" if "model" in info.options else "")
+    spec_text = name + (":ARG" if info.arg else "") + (",model=m" if "model" in info.params else "")
     spec = parse_spec(spec_text)
     assert parse_spec(spec.identity()).identity() == spec.identity()
     assert name in runner.invoke(app, ["annotate", "--help"]).output
@@ -313,10 +313,11 @@ def test_every_registered_annotator_parses_and_is_documented(name):
 def test_spec_parsing():
     s = parse_spec("http:http://127.0.0.1:8/v1,model=gpt,concurrency=2,swap=false,weight=2")
     assert (s.arg, s.options["concurrency"], s.options["swap"]) == ("http://127.0.0.1:8/v1", 2, False)
-    assert s.weight == 2.0
+    assert s.values["weight"] == 2.0 and "weight" not in s.identity()
     assert parse_spec(r"regex:a{1,3}=b,count=true").arg == "a{1,3}=b"
     assert parse_spec("function:pkg.mod:fn").arg == "pkg.mod:fn"
-    with pytest.raises(UserError, match="unknown option 'templat' for pairwise-judge"):
+    with pytest.raises(UserError, match="annotator 'pairwise-judge' has no parameter 'templat' .known: model_dir, "
+                                        "template, labels, swap, weight."):
         parse_spec("pairwise-judge:m,templat=x")
 
 
@@ -336,7 +337,7 @@ NAN_FN = "def score(prompt, response):\n    return float('nan') if response == '
     (["-a", "pairwise-judge:{lm},weight=-1"], "must be finite and > 0"),
     (["-a", "length", "-a", "vader", "--weights", "1"], "1 weights for 2 annotators"),
     (["-a", "length,weight=2", "--weights", "1"], "both given"),
-    (["-a", "length", "--pairing", "triangles"], "unknown (known: pointwise, all, random, best-worst)"),
+    (["-a", "length", "--pairing", "triangles"], "unknown (known: pointwise, all, random, best-worst, margin)"),
     (["-a", "reward-model:/no/such/rm"], "/no/such/rm: no such folder"),
     (["-a", "regex:([a-z"], "invalid regular expression"),
     (["-a", "function:no_such_module_xyz:f"], "cannot import module 'no_such_module_xyz'"),

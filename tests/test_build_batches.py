@@ -468,8 +468,9 @@ def test_empty_responses_are_dropped_and_counted(tmp_path, tiny_tokenizer_dir):
 @pytest.mark.parametrize("extra, message", [
     (["--task", "dpo"], "--task 'dpo': unknown (known: sft, reward, pointwise, pairwise)"),
     (["--task", "sft", "--reference", "REF"], "--reference: batches-sft has no reference log-prob columns"),
-    (["--pairs", "margin:-1"], "--pairs margin:-1: the margin must be a number >= 0"),
-    (["--pairs", "best"], "--pairs 'best': unknown (known: best-worst, random, all, margin:X)"),
+    (["--pairs", "margin:-1"], "--pairs 'margin:-1': at_least must be >= 0, e.g. margin:0.5"),
+    (["--pairs", "margin:x"], "--pairs 'margin:x': at_least: expected a number, found 'x'"),
+    (["--pairs", "best"], "--pairs 'best': unknown pairing 'best' (known: all, random, best-worst, margin)"),
     (["--task", "pointwise", "--threshold", "high"], "--threshold 'high': expected median, mean or a finite number"),
     (["--batch-size", 4, "--max-tokens-per-batch", 100], "give --batch-size or --max-tokens-per-batch, not both"),
     (["--mix", "0.5,0.5,0.5"], "--mix '0.5,0.5,0.5': expected 1 comma-separated proportions"),

@@ -80,7 +80,7 @@ def write_annotations(path: Path, rows: list[dict]) -> Path:
 
 
 def run(spec: str, rows: list[dict], current=None) -> W.Weights:
-    return W.run_strategy(W.parse_spec(spec), table(rows, current))
+    return W.run_strategy(W.STRATEGIES.parse(spec), table(rows, current))
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_user_function(userfn):
         with pytest.raises(UserError, match=message):
             run(f"function:{userfn}:{name}", rows)
     with pytest.raises(UserError, match="not of the form pkg.module:fn"):
-        W.parse_spec(f"function:{userfn}")
+        W.STRATEGIES.parse(f"function:{userfn}")
 
 
 # ---------------------------------------------------------------------------- the table's properties
@@ -217,42 +217,46 @@ def test_every_strategy_gives_finite_nonnegative_weights_and_documents_its_formu
         rows = [pair(), pair(response1_reward=-1.5, preference=0.2, iteration=1, response2_num_tokens=7)]
         rows += [point(response1_reward=0.0)] if s.rows == "any" else []
         current = ([-1.0, -4.0, -0.5][: len(rows)], [-3.0, -0.5, None][: len(rows)])
-    spec = W.parse_spec(f"{name}:{EXAMPLE_PARAMS[name]}" if name in EXAMPLE_PARAMS else name)
+    spec = W.STRATEGIES.parse(f"{name}:{EXAMPLE_PARAMS[name]}" if name in EXAMPLE_PARAMS else name)
     w1, w2 = W.run_strategy(spec, table(rows, current))
     assert len(w1) == len(w2) == len(rows)
     for r, a, b in zip(rows, w1, w2):
         assert math.isfinite(a) and a >= 0
         assert (b is None) == (r["response2"] is None) and (b is None or (math.isfinite(b) and b >= 0))
-    assert W.STRATEGIES[name].fn(W.empty_table(), **spec.params) == ([], [])
+    assert W.STRATEGIES[name].fn(W.empty_table(), **spec.kwargs) == ([], [])
 
 
 @pytest.mark.parametrize("spec, message", [
     ("nope", ("unknown strategy 'nope' (known: constant, margin, abs-margin, confidence, agreement, length-norm, "
               "recency, importance, class-balance, function)")),
     ("margin:temperature=0", "temperature must be > 0, got 0.0"),
-    ("margin:temperature=abc", "temperature='abc' is not a number"),
-    ("margin:temperature=nan", "is not finite"),
-    ("margin:temp=1", "unknown parameter 'temp' (known: temperature)"),
+    ("margin:temperature=abc", "--strategy 'margin:temperature=abc': temperature: expected a number, found 'abc'"),
+    ("margin,temperature=nan", "temperature: expected a finite number, found 'nan'"),
+    ("margin:temp=1", "strategy 'margin' has no parameter 'temp' (known: temperature)"),
+    ("margin,temp=1", "--strategy 'margin,temp=1': strategy 'margin' has no parameter 'temp' (known: temperature)"),
     ("margin:temperature=1,temperature=2", "given twice"),
-    ("margin:1,2", "expected k=v, found '2'"),
-    ("confidence:1", "expected k=v, found '1'"),
-    ("importance", "missing parameter(s) policy"),
+    ("margin:1,temperature=2", "parameter 'temperature' given twice"),
+    ("margin:1,2", "strategy 'margin' has no parameter '2'"),
+    ("confidence:1", "strategy 'confidence' takes no ':ARG'"),
+    ("importance", "strategy 'importance' needs policy (importance:POLICY,clip=None,truncate=None)"),
     ("importance:policy=P,clip=0.5", "clip must be >= 1"),
     ("recency:decay=2", "decay must be in (0, 1]"),
-    ("recency:current=1.5", "current='1.5' is not an integer"),
+    ("recency:current=1.5", "current: expected an integer, found '1.5'"),
     ("abs-margin:clip=-1", "clip must be > 0"),
     ("constant:value=-1", "value must be >= 0"),
     ("length-norm:by=words", "by must be tokens or chars"),
 ])
 def test_bad_specs(spec, message):
     with pytest.raises(UserError) as e:
-        W.parse_spec(spec)
+        W.STRATEGIES.parse(spec)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_spec_text_is_canonical_with_defaults():
-    assert str(W.parse_spec("importance:truncate=5,policy=/m")) == "importance:policy=/m,clip=None,truncate=5.0"
-    assert str(W.parse_spec("confidence")) == "confidence"
+    assert str(W.STRATEGIES.parse("importance:truncate=5,policy=/m")) == "importance,policy=/m,clip=None,truncate=5.0"
+    assert str(W.STRATEGIES.parse("importance:/m,truncate=5")) == "importance,policy=/m,clip=None,truncate=5.0"
+    assert W.STRATEGIES.parse("margin:2").identity() == "margin:2.0"
+    assert str(W.STRATEGIES.parse("confidence")) == "confidence"
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -323,7 +327,7 @@ def test_drop_below_needs_both_weights_of_a_pair_under_it():
 def test_core_order_is_combine_clip_normalize_drop_with_report(userfn):
     # by_reward gives |r1| per row: 1, 2, 12; constant:value=2 doubles them; product: 2, 4, 24
     rows = [point(response1_reward=r, prompt_id=f"p{i}", response1_sample_index=i) for i, r in enumerate((1, 2, 12))]
-    specs = [W.parse_spec(f"function:{userfn}:by_reward"), W.parse_spec("constant:value=2")]
+    specs = [W.STRATEGIES.parse(f"function:{userfn}:by_reward"), W.STRATEGIES.parse("constant:value=2")]
     out, rep = reweight(dataset(rows), specs, clip=(None, 12.0), normalize="mean", drop_below=0.5)
     # clip: 2, 4, 12 -> mean 6 -> 1/3, 2/3, 2 -> drop the row under 0.5
     assert close(out["response1_weight"], [2 / 3, 2.0]) and list(out["response2_weight"]) == [None, None]
@@ -332,20 +336,20 @@ def test_core_order_is_combine_clip_normalize_drop_with_report(userfn):
     assert close(rep["weight_mean"], 4 / 3) and close(rep["weight_min"], 2 / 3) and close(rep["weight_max"], 2.0)
     assert close(rep["ess"], (2 / 3 + 2) ** 2 / ((2 / 3) ** 2 + 4)) and close(rep["ess_fraction"], 1.6 / 2)
     assert close(rep["ess"], 1.6)
-    assert rep["per_strategy"]["constant:value=2.0"] == {"mean": 2.0, "min": 2.0, "max": 2.0, "ess": 3.0}
-    assert rep["strategies"] == [f"function:target={userfn}:by_reward", "constant:value=2.0"]
+    assert rep["per_strategy"]["constant,value=2.0"] == {"mean": 2.0, "min": 2.0, "max": 2.0, "ess": 3.0}
+    assert rep["strategies"] == [f"function,target={userfn}:by_reward", "constant,value=2.0"]
 
 
 def test_core_pairs_example_weight_is_the_mean_and_row_errors_name_the_input():
     rows = [pair(response1_behaviour_logp=-2.0, response2_behaviour_logp=-1.0)]
     current = ([-2.0 + math.log(3)], [-1.0 + math.log(1)])  # ratios 3 and 1: example weight 2
-    out, rep = reweight(dataset(rows), [W.parse_spec("importance:policy=P")], current=current)
+    out, rep = reweight(dataset(rows), [W.STRATEGIES.parse("importance:policy=P")], current=current)
     assert close(out["response1_weight"][0], 3.0) and close(out["response2_weight"][0], 1.0, 1e-12)
     assert close(rep["weight_mean"], 2.0) and close(rep["importance_ess"], 16 / 10)  # (3 + 1)^2 / (9 + 1)
     with pytest.raises(UserError, match="^in.ds: row 0: column 'response1_reward' is nan"):
-        reweight(dataset([pair(response1_reward=float("nan"))]), [W.parse_spec("constant")], where="in.ds")
+        reweight(dataset([pair(response1_reward=float("nan"))]), [W.STRATEGIES.parse("constant")], where="in.ds")
     with pytest.raises(UserError, match="--drop-below 5: every one of the 1 rows is below it"):
-        reweight(dataset([pair()]), [W.parse_spec("constant")], drop_below=5)
+        reweight(dataset([pair()]), [W.STRATEGIES.parse("constant")], drop_below=5)
 
 
 # ---------------------------------------------------------------------------------------- the command

@@ -109,7 +109,7 @@ def test_dpo_writes_policy_with_manifest_metrics_and_is_idempotent(tmp_path, tin
                       "--beta", "0.5")
     assert code == 0, out
     m = json.loads((tmp_path / "p" / "manifest.json").read_text())
-    assert m["stage"] == "train" and m["schema"] is None and m["config"]["beta"] == 0.5
+    assert m["stage"] == "train" and m["schema"] is None and m["config"]["loss"] == "dpo,beta=0.5"
     assert m["report"]["reference"] == "model" and m["report"]["output"] == "model" and m["report"]["steps"] == 3
     assert {"loss", "rewards/accuracy", "rewards/margin", "kl", "grad_norm", "lr"} <= set(m["report"]["final"])
     rows = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
@@ -403,7 +403,11 @@ def test_bad_inputs(tmp_path, tiny_lm_dir):
     cases = [
         (["--loss", "kto"], "is a batches-pairwise dataset but --loss kto trains on batches-pointwise"),
         (["--loss", "dpo", "--reference", "stored"], "--reference stored: the batches carry no reference"),
-        (["--loss", "dpo", "--tau", "0.1"], "--tau: loss 'dpo' does not take it (it takes: --beta)"),
+        (["--loss", "dpo,tau=0.1"], "--loss 'dpo,tau=0.1': loss 'dpo' has no parameter 'tau' (known: beta)"),
+        (["--loss", "orpo", "--beta", "0.1"], "--beta: loss 'orpo' has no parameter 'beta' (known: lam)"),
+        (["--loss", "dpo,beta=0.1", "--beta", "0.2"], "--beta and 'beta=' in --loss 'dpo,beta=0.1': give one"),
+        (["--loss", "dpo,beta=x"], "--loss 'dpo,beta=x': beta: expected a number, found 'x'"),
+        (["--loss", "dpo", "--weight-normalization", "batch"], "--weight-normalization 'batch': unknown"),
         (["--loss", "simpo", "--reference", str(tiny_lm_dir)], "reference-free"),
         (["--loss", "nope"], "--loss 'nope': unknown"),
         (["--loss", "dpo", "--merge"], "--merge: only a LoRA run"),
@@ -439,26 +443,25 @@ def test_partially_cached_reference_is_an_error_naming_the_row(tmp_path, tiny_lm
 
 
 # ------------------------------------------------------------------------------------- the loss table
-def test_loss_choices_and_hyperparameter_options_follow_the_table():
-    """--loss names, one option per hyperparameter, and each option's help naming the losses that take it
-    with their defaults (kept in stages/train.py so `--help` needs no torch)."""
+def test_loss_help_lists_every_registered_loss_with_its_hyperparameters():
+    """`train --help` is generated from the registry: each loss's usage line with its defaults."""
     import re
 
-    from alignpipe.stages.train import LOSS_NAMES
-
-    assert set(LOSS_NAMES) == set(LOSSES)
     r = RUNNER.invoke(app, ["train", "--help"], terminal_width=400)
-    helps = dict(re.findall(r"--([a-z-]+)(?: / --no-[a-z-]+)?(?: <\w+>)?\s+Loss hyperparameter of ([^[]+) \[", r.output))
-    takers: dict[str, set] = {}
+    text = re.sub(r"\s+", " ", r.output.replace("│", " "))
     for name in LOSSES:
-        for hp, default in hyperparameters(name).items():
-            takers.setdefault(hp.replace("_", "-"), set()).add(name)
-            assert f"{name}" in helps[hp.replace("_", "-")], (name, hp)
-    assert set(helps) == set(takers)
-    for option, text in helps.items():  # "dpo, cdpo, robust-dpo, kto (0.1), simpo (2.0)"
-        stated = {loss.strip(): default for group, default in re.findall(r"([a-z, -]+) \(([^)]+)\)", text)
-                  for loss in group.strip(", ").split(",")}
-        assert set(stated) == takers[option], option
-        for loss, default in stated.items():
-            actual = hyperparameters(loss)[option.replace("-", "_")]
-            assert default == ("off" if actual is False else str(actual)), (option, loss)
+        assert LOSSES.usage(name) in text, name
+
+
+def test_loss_grammar_and_the_beta_shorthand_give_the_same_config(tmp_path, tiny_lm_dir):
+    """`--loss dpo,beta=0.5` and `--loss dpo --beta 0.5` are the same run (the second is up to date)."""
+    b = write_batches(tmp_path / "b", "pairwise", pairs(2), tiny_lm_dir)
+    common = (b, "--policy", tiny_lm_dir, "--out", tmp_path / "p", "--max-steps", "1", "--device", "cpu")
+    code, out = train(*common, "--loss", "dpo,beta=0.5")
+    assert code == 0, out
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["config"]["loss"] == "dpo,beta=0.5" and manifest["report"]["hyperparameters"] == {"beta": 0.5}
+    assert manifest["config"]["weight_normalization"] == "dataset"
+    assert manifest["report"]["weight_normalization"] == "dataset"
+    code, out = train(*common, "--loss", "dpo", "--beta", "0.5")
+    assert code == 0 and "up to date" in out, out
