@@ -1,5 +1,7 @@
 """The online recipe end to end on the tiny model: a full run, a SIGKILL anywhere then `make` again
-finishes without redoing finished stages, and a rerun of a finished run does nothing."""
+finishes without redoing finished stages, and a rerun of a finished run does nothing. The run ends with
+report.html, and `alignpipe lineage` on its last policy names every stage back to `import` with command lines
+that rerun from the recorded directory."""
 from __future__ import annotations
 
 import json
@@ -36,7 +38,7 @@ def test_online_recipe_killed_then_resumed_redoes_nothing_finished(tmp_path, tin
     os.killpg(proc.pid, signal.SIGKILL)  # the whole make tree, mid-pipeline
     proc.wait()
     before = _manifests(run)
-    assert "iter-0/weighted/manifest.json" in before and "report/summary.md" not in before
+    assert "iter-0/weighted/manifest.json" in before and not (run / "report" / "report.html").exists()
 
     done = subprocess.run(_make(run, tiny_lm_dir), cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -48,6 +50,25 @@ def test_online_recipe_killed_then_resumed_redoes_nothing_finished(tmp_path, tin
     summary = json.loads((run / "report/summary.json").read_text())
     assert [r["policy"] for r in summary] == [0, 1, 2] and summary[1]["train_loss"] is not None
     assert (run / "report/report.png").stat().st_size > 10_000
+    html = (run / "report/report.html").read_text()
+    assert "<script" not in html and "Answers on held-out prompts" in html and "policy 2:" in html
+    _check_lineage(run, env)
 
     again = subprocess.run(_make(run, tiny_lm_dir), cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and _manifests(run) == after  # a finished run: nothing redone
+
+
+def _check_lineage(run: Path, env: dict) -> None:
+    lineage = subprocess.run([sys.executable, "-m", "alignpipe", "lineage", str(run / "iter-1/policy"), "--json"],
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+    assert lineage.returncode == 0, lineage.stderr
+    nodes = json.loads(lineage.stdout)
+    assert [n["stage"] for n in nodes][0] == "train"
+    assert {n["stage"] for n in nodes} == {"train", "build-batches", "reweight", "annotate", "generate", "import"}
+    assert all(i["status"] in ("ok", "source") for n in nodes for i in n["inputs"])
+    for n in nodes:  # rerunnable: `cd CWD && alignpipe STAGE ...`, nothing hidden that is not a secret
+        assert n["rerun"].startswith(f"cd {ROOT} && alignpipe {n['stage']} ") and "***" not in n["rerun"]
+    imp = next(n for n in nodes if n["stage"] == "import")
+    again = subprocess.run(["bash", "-c", imp["rerun"].replace("&& alignpipe", f"&& {sys.executable} -m alignpipe")],
+                           env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "up to date" in again.stderr, again.stderr
