@@ -92,7 +92,8 @@ def lineage(path: Path, max_nodes: int = 500) -> list[Node]:
             child = read_manifest(r) if r.is_dir() else None
             if child is not None and r not in seen:
                 seen.add(r)
-                queue.append((Path(i.resolved), child, depth + 1))
+                shown = Path(i.path) if Path(i.path).resolve() == r else Path(i.resolved)  # as recorded when it can
+                queue.append((shown, child, depth + 1))
     return nodes
 
 

@@ -179,7 +179,7 @@ def curves(policy: Path, max_charts: int = 12) -> list[str]:
                               if k not in _SKIP_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool)))
     keys.sort(key=lambda k: (k != "loss", "kl" not in k.lower(), k))
     return [svgplot.line_chart({k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]},
-                               f"train: {k}") for k in keys[:max_charts]]
+                               f"train: {k}", integer_x=True) for k in keys[:max_charts]]
 
 
 def tracker_links(run: Path, policies: dict[int, Path]) -> list[dict]:
