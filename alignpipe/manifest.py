@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-_SECRET_KEYS = re.compile(r"(api[_-]?key|secret|passw(or)?d|credential|(^|[_-])token$)", re.I)
-_NOT_SECRET = re.compile(r"(^|[_-])(pad|eos|bos|unk|sep|cls|mask|end|start|stop)[_-]token$", re.I)
+_SECRET_KEYS = re.compile(r"(api[_-]?key|secret|passw(or)?d|credential|(^|[_-])token$)", re.IGNORECASE)
+_NOT_SECRET = re.compile(r"(^|[_-])(pad|eos|bos|unk|sep|cls|mask|end|start|stop)[_-]token$", re.IGNORECASE)
 
 
 def secret_name(name: str) -> bool:
@@ -72,7 +72,7 @@ def fingerprint(path: Path) -> str:
 def git_revision() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+                             text=True, timeout=5, check=False)
         return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -49,8 +49,7 @@ class MetricsLog:
         if tensorboard and "tensorboard" not in names and _tensorboard_installed():
             names = ("tensorboard",) + names
         with open(self.path, "w") as f:  # rewrite: exactly the steps the (resumed) state has seen
-            for row in self.history:
-                f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in self.history)
         self.trackers = Trackers(self.folder, names, run_name_=run_name, config=config, history=self.history)
 
     @property

@@ -218,8 +218,8 @@ def _answers_html(sample: dict) -> str:
     head = "<th>prompt</th>" + "".join(f"<th>policy {k}</th>" for k in sample["policies"])
     rows = []
     for p in sample["prompts"]:
-        cells = [f'<td><div class="answer">{text(p["prompt"])}</div><div class="muted">{text(p["prompt_id"])}'
-                 f"</div></td>"]
+        cells = [(f'<td><div class="answer">{text(p["prompt"])}</div><div class="muted">{text(p["prompt_id"])}'
+                  f"</div></td>")]
         for k in sample["policies"]:
             a = p["answers"].get(k)
             if a is None:
@@ -322,8 +322,8 @@ def render(run: Path, rows: list[dict], columns: list[str], png: bytes | None = 
     links = tracker_links(run, lay["policies"])
     sections = [
         f"<h1>alignpipe report: {text(run)}</h1>",
-        f'<p class="muted">written {time.strftime("%Y-%m-%d %H:%M:%S")}; policy K is the policy after K training '
-        f"iterations (0 = the start).</p>",
+        (f'<p class="muted">written {time.strftime("%Y-%m-%d %H:%M:%S")}; policy K is the policy after K training '
+         f"iterations (0 = the start).</p>"),
         "<h2 id=\"summary-section\">Summary</h2>", _table(rows, columns, "summary", numeric_data=True),
         '<div class="charts">' + "".join(c for c in summary_charts if c) + "</div>", png_html,
         "<h2>Answers on held-out prompts</h2>", _answers_html(answers(lay["evals"], n=sample, seed=seed)),

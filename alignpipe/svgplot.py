@@ -40,12 +40,12 @@ def _frame(title: str, xlabel: str, x0: float, x1: float, y0: float, y1: float, 
     def sy(y):
         return H - PAD_B - (y - y0) / ((y1 - y0) or 1) * (H - PAD_T - PAD_B)
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{W}" height="{H}" '
-           f'viewBox="0 0 {W} {H}" role="img"><title>{escape(title)}</title>',
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{W}" height="{H}" '
+            f'viewBox="0 0 {W} {H}" role="img"><title>{escape(title)}</title>'),
            f'<rect x="0" y="0" width="{W}" height="{H}" fill="#ffffff"/>',
            f'<text x="{W / 2}" y="16" text-anchor="middle" font-size="13" font-weight="600">{escape(title)}</text>',
-           f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{H - 4}" text-anchor="middle" font-size="11" '
-           f'fill="#555">{escape(xlabel)}</text>']
+           (f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{H - 4}" text-anchor="middle" font-size="11" '
+            f'fill="#555">{escape(xlabel)}</text>')]
     yt = _ticks(y0, y1)
     ystep = yt[1] - yt[0] if len(yt) > 1 else None
     for t in yt:

@@ -56,7 +56,7 @@ def _train_metrics(policy: Path) -> dict:
     return {**out, "steps": len(rows)}
 
 
-_EXTRA = re.compile(r"(accuracy|pass@\d+|pass_rate|solve_rate|exact_match)", re.I)
+_EXTRA = re.compile(r"(accuracy|pass@\d+|pass_rate|solve_rate|exact_match)", re.IGNORECASE)
 
 
 def _extra(folder: Path) -> dict:
@@ -163,7 +163,7 @@ def markdown(rows: list[dict], run: Path) -> str:
 
 @handle_errors
 def command(run: Annotated[Path, typer.Argument(help="A run folder (runs/NAME) written by a pipeline.")],
-            out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (default RUN/report).")] = None,
+            out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default RUN/report).")] = None,
             answers: Annotated[int, typer.Option(min=0, help="Held-out prompts shown with every policy's answer.")] = 8,
             seed: Annotated[int, typer.Option(help="Seed of the choice of those prompts.")] = 0):
     """A self-contained HTML report (answers side by side, weights, curves, lineage), PNG plots and a Markdown

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import ok
 from report_fixtures import make_run
 
@@ -54,7 +53,7 @@ class Browser:
             os.dup2(high[1], 4)
 
         self.proc = subprocess.Popen([exe, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe",
-                                      "about:blank"], preexec_fn=child_fds, close_fds=False,
+                                      "about:blank"], preexec_fn=child_fds, close_fds=False,  # noqa: PLW1509
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for fd in high:
             os.close(fd)

@@ -50,18 +50,24 @@ def log_rows(tmp_path: Path, names: tuple, history: list | None = None) -> tuple
 
 @needs("tensorboard")
 def test_tensorboard_equals_metrics_jsonl(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     folder, links = log_rows(tmp_path, ("tensorboard",))
     assert links["tensorboard"]["dir"] == str(folder.parent / "policy" / "tb")  # where train copies it
-    acc = EventAccumulator(str(folder / "tb"))
+    assert_tb_equal(tb_metrics(folder / "tb"), expected(folder))
+
+
+def tb_metrics(folder: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
     acc.Reload()
-    got = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-    want = expected(folder)
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def assert_tb_equal(got: dict, want: dict) -> None:
     assert set(got) == set(want)
-    for k in want:
-        assert [s for s, _ in got[k]] == [s for s, _ in want[k]]
-        assert [v for _, v in got[k]] == pytest.approx([v for _, v in want[k]], rel=1e-6)  # float32 events
+    for k, points in want.items():
+        assert [s for s, _ in got[k]] == [s for s, _ in points]
+        assert [v for _, v in got[k]] == pytest.approx([v for _, v in points], rel=1e-6)  # float32 events
 
 
 def _wandb_records(path: Path):
@@ -95,6 +101,13 @@ def test_wandb_offline_equals_metrics_jsonl(tmp_path, monkeypatch):
     folder, links = log_rows(tmp_path, ("wandb",))
     run_dir = Path(links["wandb"]["dir"])
     assert links["wandb"]["mode"] == "offline" and run_dir.parent.parent == tmp_path / "wandb-dir"
+    got, config = wandb_metrics(run_dir)
+    assert got == expected(folder)
+    assert config["loss"] == "dpo" and config["api_key"] == "***"  # the config, redacted
+    assert links["wandb"]["project"] == "demo"
+
+
+def wandb_metrics(run_dir: Path) -> tuple[dict, dict]:
     got: dict[str, list] = {}
     config = {}
     for rec in _wandb_records(next(run_dir.glob("*.wandb"))):
@@ -106,9 +119,7 @@ def test_wandb_offline_equals_metrics_jsonl(tmp_path, monkeypatch):
                     got.setdefault(key, []).append((step, float(json.loads(item.value_json))))
         if rec.HasField("run"):
             config.update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
-    assert got == expected(folder)
-    assert config["loss"] == "dpo" and config["api_key"] == "***"  # the config, redacted
-    assert links["wandb"]["project"] == "demo"
+    return got, config
 
 
 @needs("mlflow")
@@ -122,18 +133,26 @@ def test_mlflow_file_store_equals_metrics_jsonl(tmp_path, monkeypatch):
     run = client.get_run(links["mlflow"]["run_id"])
     assert run.info.run_name == "demo-iter-0-policy" and run.info.status == "FINISHED"
     assert run.data.params["loss"] == "dpo" and run.data.params["api_key"] == "***"
-    got = {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
-           for k in run.data.metrics}
+    got = mlflow_metrics(links["mlflow"])
     want = expected(folder)
     assert got == {mlflow_name(k, want): v for k, v in want.items()}
     assert mlflow_name("tokens/s", want) == "tokens_s" and mlflow_name("rewards/accuracy", want) == "rewards/accuracy"
     assert (tmp_path / "mlruns").is_dir() and client.get_experiment(links["mlflow"]["experiment_id"]).name == "demo"
 
 
+def mlflow_metrics(link: dict) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=link["uri"])
+    run = client.get_run(link["run_id"])
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+            for k in run.data.metrics}
+
+
 @needs("mlflow")
 def test_mlflow_default_store_is_under_the_run_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    folder, links = log_rows(tmp_path, ("mlflow",))
+    _, links = log_rows(tmp_path, ("mlflow",))
     assert links["mlflow"]["uri"] == (tmp_path / "runs" / "demo" / "trackers" / "mlruns").as_uri()
     linked = json.loads((tmp_path / "runs" / "demo" / "trackers" / "demo-iter-0-policy.json").read_text())
     assert linked["trackers"]["mlflow"]["run_id"] == links["mlflow"]["run_id"]  # what the report links
@@ -143,17 +162,22 @@ def test_mlflow_default_store_is_under_the_run_folder(tmp_path, monkeypatch):
 def test_trackio_local_equals_metrics_jsonl(tmp_path, monkeypatch):
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
     folder, links = log_rows(tmp_path, ("trackio",))
-    from trackio.sqlite_storage import SQLiteStorage
+    assert trackio_metrics(links["trackio"], monkeypatch) == expected(folder)
+    assert Path(links["trackio"]["dir"]).is_dir()
 
-    logs = SQLiteStorage.get_logs(project="demo", run="demo-iter-0-policy")
+
+def trackio_metrics(link: dict, monkeypatch) -> dict:
+    """The run's logs from the local database in link["dir"] (wherever this process's trackio points)."""
+    from trackio import sqlite_storage
+
+    monkeypatch.setattr(sqlite_storage, "TRACKIO_DIR", Path(link["dir"]))
     got: dict[str, list] = {}
-    for row in logs:
+    for row in sqlite_storage.SQLiteStorage.get_logs(project=link["project"], run=link["run"]):
         for k, v in row.items():
             if k not in ("step", "timestamp") and not k.startswith("_") and isinstance(v, (int, float)) \
                     and not (isinstance(v, float) and math.isnan(v)):
                 got.setdefault(k, []).append((row["step"], float(v)))
-    assert got == expected(folder)
-    assert Path(links["trackio"]["dir"]).is_dir()
+    return got
 
 
 def test_unknown_or_missing_tracker_is_one_line_error(monkeypatch):
@@ -163,3 +187,33 @@ def test_unknown_or_missing_tracker_is_one_line_error(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "trackio", None)  # as if not installed
     with pytest.raises(UserError, match="pip install"):
         parse(("trackio",))
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("tensorboard", "wandb", "mlflow", "trackio")),
+                    reason="needs tensorboard, wandb, mlflow and trackio (pip install 'alignpipe[trackers]')")
+def test_train_report_to_every_tracker_end_to_end(tmp_path, tiny_lm_dir, monkeypatch):
+    """`alignpipe train --report-to tensorboard,wandb,mlflow,trackio` in a child process, as a user runs it: each
+    tracker's record equals the policy's metrics.jsonl, and the report links them."""
+    from helpers import ok, run_child
+    from test_train import task_examples, write_batches
+
+    run = tmp_path / "runs" / "e2e"
+    batches = write_batches(run / "iter-0" / "batches", "sft", task_examples("sft", 6), tiny_lm_dir)
+    policy = run / "iter-0" / "policy"
+    done = run_child(["train", batches, "--policy", tiny_lm_dir, "--loss", "sft", "--lr", "1e-3", "--out", policy,
+                      "--report-to", "tensorboard,wandb,mlflow,trackio"],
+                     WANDB_MODE="offline", WANDB_DIR=tmp_path / "wandb", TRACKIO_DIR=tmp_path / "trackio",
+                     MLFLOW_TRACKING_URI=(tmp_path / "mlruns").as_uri(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    links = json.loads((policy / "trackers.json").read_text())
+    assert links["run_name"] == "e2e-iter-0-policy" and set(links["trackers"]) == {"tensorboard", "wandb", "mlflow",
+                                                                                       "trackio"}
+    want = expected(policy)
+    assert len(want["loss"]) == 3  # 6 examples, batch 2
+    assert_tb_equal(tb_metrics(policy / "tb"), want)
+    assert wandb_metrics(Path(links["trackers"]["wandb"]["dir"]))[0] == want
+    assert mlflow_metrics(links["trackers"]["mlflow"]) == {mlflow_name(k, want): v for k, v in want.items()}
+    assert trackio_metrics(links["trackers"]["trackio"], monkeypatch) == want
+    ok("report", run)
+    html = (run / "report" / "report.html").read_text()
+    assert "Experiment trackers" in html and (tmp_path / "mlruns").as_uri() in html
