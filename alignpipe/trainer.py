@@ -36,98 +36,36 @@ inside a loss (KTO's reference point z0) are per stored batch, all-reduced over 
 Host reads: a step reads the device once, for its logged metrics and the gradient norm together (the
 divergence check uses the same numbers); weights, counts and D are Python numbers from the batch lists.
 
-Several processes: plain `torch.distributed` (gloo on CPU, NCCL on GPUs) from the RANK / WORLD_SIZE /
-LOCAL_RANK variables that `torchrun` and `accelerate launch` set; no `Accelerator` object, so loss scaling
-and accumulation stay as above whatever the launcher. Replicated weights (DDP) by default; sharded with
-torch FSDP2 (`fully_shard`, per decoder layer) as 'full' (FULL_SHARD, ZeRO-3) or 'grad-op' (weights kept
-whole between forward and backward, gradients and optimizer state sharded: SHARD_GRAD_OP, ZeRO-2), chosen
-by --sharding or read from the FSDP / DeepSpeed settings `accelerate launch` exports.
+Several processes (DDP, FSDP2): `alignpipe.distributed`.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 
 from alignpipe.checkpoint import is_peft
+from alignpipe.distributed import (  # noqa: F401  (re-exported: the trainer's callers use them from here)
+    SHARDING,
+    Dist,
+    init_distributed,
+    no_sync,
+    shard,
+    sharding_mode,
+    shutdown,
+    unsharded,
+)
 from alignpipe.errors import UserError
 
 SCHEDULERS = ("cosine", "linear", "constant")
 # the denominator D of a step's objective sum_i w_i l_i / D, from (dataset scale, the step's total weight)
 WEIGHT_NORMALIZATIONS = {"dataset": lambda scale, step_weight: scale, "step": lambda scale, step_weight: step_weight}
-SHARDING = ("auto", "none", "grad-op", "full")
 
 
 class TrainingDiverged(UserError):
     """A non-finite loss or gradient norm. Exit code 1: the inputs were valid, the optimisation failed."""
 
     exit_code = 1
-
-
-# ------------------------------------------------------------------------------------------ processes
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: str = "cpu"
-    sharding: str = "none"  # none (DDP) | grad-op | full
-
-    @property
-    def sharded(self) -> bool:
-        return self.world > 1 and self.sharding != "none"
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def all_reduce(self, tensor):
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(tensor)
-        return tensor
-
-
-def sharding_mode(choice: str = "auto", env=None) -> str:
-    """'none', 'grad-op' or 'full'; 'auto' reads the FSDP / DeepSpeed settings of `accelerate launch`."""
-    env = os.environ if env is None else env
-    if choice != "auto":
-        if choice not in SHARDING:
-            raise UserError(f"--sharding '{choice}': unknown (known: {', '.join(SHARDING)})")
-        return choice
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
-        if strategy in ("NO_SHARD", "3"):
-            return "none"
-        grad_op = strategy in ("SHARD_GRAD_OP", "2", "HYBRID_SHARD_ZERO2", "5")
-        reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "").lower() != "false"
-        return "full" if reshard and not grad_op else "grad-op"
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return "full" if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else "grad-op"
-    return "none"
-
-
-def init_distributed(device: str = "auto", sharding: str = "auto") -> Dist:
-    """The process group from torchrun / accelerate launch environment variables (or one process)."""
-    import torch
-
-    from alignpipe.models import resolve_device
-
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    dev = resolve_device(device)
-    if dev == "cuda":
-        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(dev)
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
-    return Dist(rank, world, dev, sharding_mode(sharding))
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -236,49 +174,6 @@ def prepare(module, *, reference: Reference, task: str, loss: str, hparams: dict
     sched = build_scheduler(optimizer, scheduler, warmup_steps, total_steps)
     return Run(model, module, optimizer, sched, reference, task, loss, hparams, pad_id, dist, normalization,
                dtype, max_grad_norm)
-
-
-def shard(module, reshard_after_forward: bool):
-    """FSDP2: each decoder layer (the model's `_no_split_modules`) and then the root become shards."""
-    from torch.distributed.fsdp import fully_shard
-
-    base = module.get_base_model() if is_peft(module) else module
-    layers = set(getattr(base, "_no_split_modules", None) or [])
-    for sub in list(module.modules()):
-        if type(sub).__name__ in layers:
-            fully_shard(sub, reshard_after_forward=reshard_after_forward)
-    return fully_shard(module, reshard_after_forward=reshard_after_forward)
-
-
-@contextlib.contextmanager
-def no_sync(run: Run, sync: bool):
-    """Skip the gradient all-reduce of a micro-batch that is not the last of its step."""
-    if sync or run.dist.world == 1:
-        yield
-    elif run.dist.sharded:
-        run.model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            run.model.set_requires_gradient_sync(True)
-    else:
-        with run.model.no_sync():
-            yield
-
-
-def unsharded(run: Run, rebuild):
-    """The trained policy as a whole model on rank 0 (None elsewhere): the module itself, or under FSDP a
-    fresh `rebuild()` with the gathered trainable weights (a collective: every rank calls it)."""
-    from alignpipe.checkpoint import gather_trainable, set_trainable
-
-    if not run.dist.sharded:
-        return run.module if run.dist.rank == 0 else None
-    weights = gather_trainable(run.module)
-    if run.dist.rank != 0:
-        return None
-    fresh = rebuild()
-    set_trainable(fresh, weights, "gathered weights")
-    return fresh
 
 
 # ----------------------------------------------------------------------------------------- forwards
@@ -402,6 +297,8 @@ def optimizer_step(run: Run, keys: list[str], values, step: int) -> dict:
 
     max_norm = run.max_grad_norm if run.max_grad_norm and run.max_grad_norm > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(trainable(run.module), max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor; its global value (a collective, not a host read)
+        norm = norm.full_tensor()
     read = torch.cat([values, norm.detach().reshape(1).to(values)]).tolist()  # the step's only host read
     metrics, norm = dict(zip(keys, read[:-1])), read[-1]
     for name, value in (("loss", metrics["loss"]), ("gradient norm", norm)):
@@ -455,12 +352,3 @@ def fit(run: Run, ds, batch_groups: list, plan, *, start_step: int = 0, log=None
             d = run.dist
             last_checkpoint = save_checkpoint(partial, step, run.module, run.optimizer, run.scheduler, state,
                                               rank=d.rank, world=d.world, barrier=d.barrier)
-
-
-def shutdown(dist: Dist) -> None:
-    """Leave the process group (several processes)."""
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
