@@ -160,6 +160,15 @@ def build_reward_model(
     return _save_model(LlamaForSequenceClassification, config, tok, out_dir, seed)
 
 
+def build_random_lm(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, **config) -> Path:
+    """A randomly initialised Llama causal LM of any shape (`config`: LlamaConfig fields, e.g. SmolLM2-360M's)
+    with the tokenizer of `tokenizer_dir`, saved in float32 in `out_dir` (bench/bench_gpu.py)."""
+    from transformers import LlamaForCausalLM
+
+    tok = _load_tokenizer(tokenizer_dir)
+    return _save_model(LlamaForCausalLM, _llama_config(tok, **config), tok, out_dir, seed)
+
+
 def _copy_model_files(model_dir: str | Path | None, out: Path) -> None:
     if model_dir is None:
         return

@@ -88,11 +88,12 @@ def run_alignpipe(a, after=None) -> dict:
     times: list = []
     step_clock(times, after)
     out = Path(tempfile.mkdtemp(prefix="bench-train-")) / "policy"
-    reference = {"stored": "stored", "live": "policy" if a.model == "smollm2" else a.reference}[a.ref]
+    reference = {"stored": "stored", "live": a.reference if a.model == "tiny" else "policy"}[a.ref]
     lora = ["--lora-r", str(a.lora)] if a.lora else []
     common.cli("train", a.batches, "--policy", a.policy, "--loss", "dpo", "--out", out, "--beta", BETA,
                "--lr", LR, "--scheduler", "constant", "--max-steps", a.steps, "--reference", reference,
-               "--device", "cpu", *lora)
+               "--device", getattr(a, "device", None) or "cpu", "--dtype", getattr(a, "dtype", None) or "float32",
+               *lora)
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     return {"times": times, "loss": first["loss"], "chosen": first["logps/chosen"],
             "rejected": first["logps/rejected"]}
@@ -138,7 +139,9 @@ def run_trl(a) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             times.append((time.perf_counter(), a.batch_size, None))
 
-    def load(path):
+    device, bf16 = getattr(a, "device", None) or "cpu", getattr(a, "dtype", None) == "bfloat16"
+
+    def load(path):  # float32 weights; bf16: autocast over them (accelerate's mixed precision), as alignpipe
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
     torch.manual_seed(0)
@@ -156,7 +159,7 @@ def run_trl(a) -> dict:
                      max_steps=a.steps, beta=BETA, loss_type=["sigmoid"], max_length=a.max_length,
                      precompute_ref_log_probs=a.ref == "stored", precompute_ref_batch_size=16,
                      train_sampling_strategy="sequential", logging_steps=10**6, save_strategy="no",
-                     report_to="none", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False,
+                     report_to="none", disable_tqdm=True, use_cpu=device == "cpu", bf16=bf16, fp16=False,
                      dataloader_num_workers=0, seed=0, remove_unused_columns=False)
     trainer = Pretokenised(model=model, ref_model=ref_model, args=args, processing_class=tok,
                            train_dataset=trl_dataset(a.batches, a.steps, a.batch_size), peft_config=peft,
