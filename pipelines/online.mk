@@ -29,6 +29,8 @@
 #                  |2P - 1|, normalised to mean 1: a pair counts by how clearly the annotator separated it;
 #                  works for pairwise judges and pointwise annotators, whose P is sigmoid(r1 - r2))
 #   LR, LORA_R, EPOCHS, BATCH, MAX_NEW_TOKENS, TEMPERATURE: training and sampling settings
+#   REPORT_TO      experiment trackers of train besides TensorBoard (wandb,mlflow,trackio; offline/local by
+#                  default, under RUN/trackers/); report.html links their runs
 PY ?= python
 ALIGNPIPE ?= $(PY) -m alignpipe
 NAME ?= online
@@ -55,7 +57,8 @@ BATCH ?= 4
 MAX_NEW_TOKENS ?= 48
 TEMPERATURE ?= 1.0
 SEED ?= 0
-TRAIN_OPTS ?= --lora-r $(LORA_R)
+REPORT_TO ?=
+TRAIN_OPTS ?= --lora-r $(LORA_R) $(if $(REPORT_TO),--report-to $(REPORT_TO))
 GEN_OPTS ?=
 ifeq ($(origin MODEL), undefined)
 ifeq ($(filter demo-tiny,$(MAKECMDGOALS)),)
