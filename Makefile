@@ -45,7 +45,7 @@ bench-quick: setup
 	$(PY) bench/run.py --quick
 
 lint: setup
-	$(PY) -m ruff check alignpipe stages schemas pipelines tests bench
+	$(PY) -m ruff check alignpipe stages schemas tests bench
 
 clean:
 	rm -rf $(VENV) runs

@@ -33,6 +33,7 @@ def prepare_prompts(ds, tokenizer, *, max_prompt_length: int, long_prompts: str 
     token ids `_ids`; {"truncated": n} or {"skipped": n}). `row_ids` name the rows in errors.
     """
     from datasets import Dataset, Features, List, Value
+
     from alignpipe import schemas
     from alignpipe.prompting import render_prompt
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -283,12 +283,12 @@ def command(
              "`datasets` builder name (json, parquet, csv, ...) with --data-files.")],
     out: OutOpt,
     format: Annotated[str, typer.Option(help="auto | " + " | ".join(FORMATS))] = "auto",
-    column: Annotated[Optional[list[str]], typer.Option(help="Rename a column first: NEW=OLD (repeatable).")] = None,
+    column: Annotated[list[str] | None, typer.Option(help="Rename a column first: NEW=OLD (repeatable).")] = None,
     split: Annotated[str, typer.Option(help="Split for rows without a 'split' column.")] = "train",
-    data_files: Annotated[Optional[list[str]], typer.Option(
+    data_files: Annotated[list[str] | None, typer.Option(
         help="Data files for a builder or Hub dataset (repeatable), as load_dataset's data_files.")] = None,
-    subset: Annotated[Optional[str], typer.Option(help="Subset (config name) of a Hub dataset.")] = None,
-    source_split: Annotated[Optional[str], typer.Option(
+    subset: Annotated[str | None, typer.Option(help="Subset (config name) of a Hub dataset.")] = None,
+    source_split: Annotated[str | None, typer.Option(
         help="Which split of a multi-split source to read (default: train, or the only one).")] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,

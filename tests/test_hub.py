@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import cli, ok, write_dataset
 
 from alignpipe import hub
 from alignpipe.errors import UserError
@@ -23,7 +24,6 @@ from alignpipe.models import (
     model_fingerprint,
     with_revision,
 )
-from helpers import cli, ok, write_dataset
 
 REPO = "alignpipe-test/tiny-llama"
 

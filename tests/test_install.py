@@ -28,7 +28,8 @@ def wheel(tmp_path_factory) -> Path:
             shutil.copy(path, src / name)
     out = tmp_path_factory.mktemp("dist")
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                           "-q", "-w", str(out), str(src)], capture_output=True, text=True, timeout=600)
+                           "-q", "-w", str(out), str(src)], capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (found,) = out.glob("alignpipe-*.whl")
     return found
@@ -63,7 +64,7 @@ print(json.dumps({"file": alignpipe.__file__, "checkout": alignpipe.SOURCE_CHECK
 def test_installed_package_works_outside_the_checkout(wheel, tmp_path):
     site = tmp_path / "site"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
-                           str(site), str(wheel)], capture_output=True, text=True, timeout=300)
+                           str(site), str(wheel)], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info")) == ["alignpipe", "bin"]
     env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
@@ -71,7 +72,8 @@ def test_installed_package_works_outside_the_checkout(wheel, tmp_path):
     run.mkdir()
 
     def py(*args):
-        p = subprocess.run([sys.executable, *args], cwd=run, env=env, capture_output=True, text=True, timeout=300)
+        p = subprocess.run([sys.executable, *args], cwd=run, env=env, capture_output=True, text=True, timeout=300,
+                           check=False)
         assert p.returncode == 0, p.stderr[-3000:]
         return p.stdout
 
@@ -82,7 +84,7 @@ def test_installed_package_works_outside_the_checkout(wheel, tmp_path):
     assert "generate" in py("-m", "alignpipe", "--help") and "prompt_id" in py("-m", "alignpipe", "schema", "prompts")
     (run / "p.jsonl").write_text('{"prompt": "Hi"}\n{"prompt": "Why?"}\n')
     p = subprocess.run([sys.executable, "-m", "alignpipe", "import", "p.jsonl", "--out", "prompts"], cwd=run,
-                       env=env, capture_output=True, text=True, timeout=300)
+                       env=env, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0 and "import: 2 prompts rows" in p.stderr, p.stderr[-2000:]
 
 
@@ -90,5 +92,6 @@ def test_checkout_spellings_are_one_module():
     """In the checkout, `import stages` (old spelling) and `alignpipe.stages` are the same module objects."""
     code = ("import schemas, stages.generate, alignpipe.schemas, alignpipe.stages.generate as g; "
             "assert schemas is alignpipe.schemas and stages.generate is g and g.__spec__.name == g.__name__")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       check=False)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<mark>[\w-]+)[^>]*-->\n)?^```(?P<lang>[\w-]*)\n(?P<body>.*?)^```",
-                   re.S | re.M)
+                   re.DOTALL | re.MULTILINE)
 
 
 def blocks() -> list[dict]:
@@ -41,7 +41,7 @@ def test_every_block_is_bash_or_text_and_bash_is_checked():
 
 def test_make_targets_exist():
     makefile = (ROOT / "Makefile").read_text()
-    targets = set(re.findall(r"^([\w.-]+):", makefile, re.M))
+    targets = set(re.findall(r"^([\w.-]+):", makefile, re.MULTILINE))
     for b in (b for b in blocks() if b["mark"] == "make-targets"):
         for line in b["body"].splitlines():
             words = line.split("#")[0].split()
@@ -76,7 +76,7 @@ def test_bash_blocks_run_as_written(scratch):
     assert runnable, "the README has no runnable bash block"
     for b in runnable:
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", b["body"]], cwd=work, env=env, text=True,
-                              capture_output=True, timeout=600)
+                              capture_output=True, timeout=600, check=False)
         assert proc.returncode == 0, f"README.md:{b['line']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     # the worked loop: two policies, the Hub id's commit recorded where it was used
     commit = (Path(env["HF_HUB_CACHE"]) / f"models--{SMOLLM2.replace('/', '--')}" / "refs" / "main").read_text()
