@@ -33,8 +33,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-import bench_train  # noqa: E402
-import common  # noqa: E402
+import bench_train
+import common
 
 SMOLLM2 = {  # LlamaConfig fields of the SmolLM2 checkpoints (HuggingFaceTB/SmolLM2-*/config.json)
     "360m": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15,
@@ -45,6 +45,7 @@ SMOLLM2 = {  # LlamaConfig fields of the SmolLM2 checkpoints (HuggingFaceTB/Smol
 TINY = {"tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                  "num_key_value_heads": 2, "max_position_embeddings": 512}}
 FULL = {"prompts": 128, "new_tokens": 128, "batch_size": 8, "max_length": 768, "gen_batch": 64, "warmup": 2}
+BY_SHAPE = {"1.7b": {"prompts": 256, "batch_size": 64, "warmup": 1}}  # MFU target: >= 16k tokens a step
 SMALL = {"prompts": 12, "new_tokens": 8, "batch_size": 4, "max_length": 256, "gen_batch": 4, "warmup": 1}
 
 
@@ -130,7 +131,7 @@ def params_of(model: Path) -> int:
     total = 0
     for f in model.glob("*.safetensors"):
         with safe_open(str(f), "pt") as h:
-            total += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())
+            total += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())  # noqa: SIM118 (safe_open has no __iter__)
     return total
 
 
@@ -309,8 +310,10 @@ def run_shape(shape: str, config: dict, a, sizes: dict, tok: Path, work: Path, p
     trl_ok = trl_installed()
     for ref in ("stored", "live"):
         r = train_case(ref, model, batches, a, sizes, trl_ok)
-        flops = (6 + (2 if ref == "live" else 0)) * n * r["alignpipe"]["tokens/s"]
-        out.append({**r, "shape": shape, "train_flop/s": flops, "mfu": flops / peak, "peak_flop/s": peak})
+        ours = r["alignpipe"]
+        flops = (6 + (2 if ref == "live" else 0)) * n * ours["tokens/s"]
+        out.append({**r, "shape": shape, "train_flop/s": flops, "mfu": flops / peak, "peak_flop/s": peak,
+                    "tokens/step": round(ours["tokens/s"] / ours["pairs/s"] * sizes["batch_size"])})
     gen = common.worker("bench_gpu.py", ["--side", "generate", "--policy", str(model), "--batch-size",
                                          str(sizes["gen_batch"]), "--steps", str(sizes["new_tokens"]), "--device",
                                          a.device, "--dtype", a.dtype, "--repeats", str(a.repeats)]
@@ -332,8 +335,9 @@ def table(records: list[dict]) -> str:
             else:
                 peer = f"TRL {r['trl']['pairs/s']:.2f} pairs/s (first loss {r['trl']['loss']:.6f})"
                 ratio = f"{r['ratio']:.2f}x" if r["valid"] else f"VOID (first losses differ by {r['loss_diff']:.1e})"
-            lines.append(f"{r['shape']} | DPO {r['ref']} reference | {ours['pairs/s']:.2f} pairs/s (first loss "
-                         f"{ours['loss']:.6f}), MFU {r['mfu']:.1%} | {peer} | {ratio}")
+            lines.append(f"{r['shape']} | DPO {r['ref']} reference, {r['tokens/step']} tokens a step | "
+                         f"{ours['pairs/s']:.2f} pairs/s (first loss {ours['loss']:.6f}), MFU {r['mfu']:.1%} | "
+                         f"{peer} | {ratio}")
         elif r["bench"] == "gpu-generate":
             t = r["tok/s"]
             for side in ("dynamic", "static"):
@@ -353,6 +357,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None, help="timed sampling rounds [default: 2; --tiny: 1]")
     p.add_argument("--cuda-graphs", action="store_true", help="static cache decode step as a CUDA graph")
+    p.add_argument("--train-batch", type=int, default=None, help="pairs a training step [default: 8; 1.7b: 64]")
     p.add_argument("--out", default=None, help="results file [default: bench/results/gpu-<shapes>.jsonl]")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
@@ -374,7 +379,11 @@ def main(argv=None) -> int:
     work = common.WORK / ("gpu-tiny" if a.tiny else "gpu")
     tok = tokenizer_dir(a.tokenizer, a.tiny)
     peak = matmul_peak(a.device, a.dtype, 512 if a.tiny else 8192)
-    records = [r for shape, config in shapes.items() for r in run_shape(shape, config, a, sizes, tok, work, peak)]
+    records = []
+    for shape, config in shapes.items():
+        size = {**sizes, **({} if a.tiny else BY_SHAPE.get(shape, {}))}
+        size["batch_size"] = a.train_batch or size["batch_size"]
+        records += run_shape(shape, config, a, size, tok, work, peak)
     meta = {"bench": "meta", "device": a.device, "dtype": a.dtype, "peak_flop/s": peak, "sizes": sizes,
             "seconds": round(time.time() - start, 1), "trl": trl_installed(), "gpu": _gpu_name(a.device)}
     out = Path(a.out) if a.out else HERE / "results" / f"gpu-{'-'.join(shapes)}.jsonl"

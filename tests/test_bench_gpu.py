@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_gpu_tiny_runs_on_the_cpu(tmp_path):
     out = tmp_path / "gpu-tiny.jsonl"
     env = cpu_env(ALIGNPIPE_BENCH_DIR=tmp_path / "work", OMP_NUM_THREADS=1, PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "bench/bench_gpu.py", "--tiny", "--threads", "1", "--out", out], cwd=ROOT,
+    done = subprocess.run([sys.executable, "bench/bench_gpu.py", "--tiny", "--threads", "1", "--out", out], check=False, cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]

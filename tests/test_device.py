@@ -57,7 +57,7 @@ def _pytest(node: str, **env) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "PYTEST_ADDOPTS")}
     if os.environ.get("ALIGNPIPE_ORIGINAL_CUDA_VISIBLE_DEVICES") is not None:
         base["CUDA_VISIBLE_DEVICES"] = os.environ["ALIGNPIPE_ORIGINAL_CUDA_VISIBLE_DEVICES"]
-    return subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-rs", "-p", "no:cacheprovider", node],
+    return subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-rs", "-p", "no:cacheprovider", node], check=False,
                           cwd=ROOT, env={**base, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True)
 
 
