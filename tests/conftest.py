@@ -62,7 +62,7 @@ def pytest_collection_modifyitems(config, items):
            else "no CUDA device (torch.cuda.is_available() is False)")
     skip = pytest.mark.skip(reason=f"gpu test: {why}")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
 
 
