@@ -76,6 +76,7 @@ def pinned_device(request, monkeypatch) -> str:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     if CUDA_PRESENT:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     return "cpu"
 
 
