@@ -123,12 +123,22 @@ def batch_loss(u: Tensor, s: Tensor, weight: Tensor) -> Tensor:
 
 
 # --- the registered losses: presets of the clipped surrogate with their papers' hyperparameters ------------
+def _result(u: Tensor, s: Tensor, x: TokenInputs, metrics: dict, size: Tensor | float = 1.0):
+    """(S, metrics) in the loss table's convention (alignpipe.losses): S = sum_i w_i u_i / size, the weighted
+    SUM the trainer divides by its step denominator (the nominal examples per step times the dataset's mean
+    weight); metrics["loss"] = sum w u / sum w s, this batch's own loss value."""
+    w = x.weight.to(u.dtype)
+    total = (w * torch.where(w > 0, u, torch.zeros_like(u))).sum()
+    return total / size, {"loss": batch_loss(u.detach(), s, x.weight).detach(), **metrics}
+
+
 def grpo_loss(x: TokenInputs, *, eps_low: float = 0.2, eps_high: float = 0.2, kl_coef: float = 0.0):
     """GRPO (Shao et al. 2024, arXiv 2402.03300, eq. 3): per-answer token mean, then the mean over answers.
 
-    L = (1/sum w) sum_i w_i (1/|o_i|) sum_t -min(rho A, clip(rho, 1-eps, 1+eps) A) + kl_coef * k3.
+    L = (1/sum w) sum_i w_i (1/|o_i|) sum_t -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) + kl_coef * k3.
     (The paper used kl_coef 0.04; 0 by default, as TRL and Dr. GRPO / DAPO.)"""
-    return clipped_pg(x, aggregation="sequence", eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef)
+    u, s, m = clipped_pg(x, aggregation="sequence", eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef)
+    return _result(u, s, x, m)
 
 
 def dr_grpo_loss(x: TokenInputs, *, eps_low: float = 0.2, eps_high: float = 0.2, kl_coef: float = 0.0,
@@ -137,16 +147,25 @@ def dr_grpo_loss(x: TokenInputs, *, eps_low: float = 0.2, eps_high: float = 0.2,
 
     L = (1/(sum w * C)) sum_i w_i sum_t -min(rho A, clip(rho) A) + kl_coef * k3;  C = max_tokens (the
     generation budget; 0: the batch's padded width)."""
-    return clipped_pg(x, aggregation="constant", eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef,
-                      max_tokens=max_tokens)
+    u, s, m = clipped_pg(x, aggregation="constant", eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef,
+                         max_tokens=max_tokens)
+    return _result(u, s, x, m)
 
 
-def dapo_loss(x: TokenInputs, *, eps_low: float = 0.2, eps_high: float = 0.28, kl_coef: float = 0.0):
-    """DAPO (Yu et al. 2025, arXiv 2503.14476, eq. 8): token-level mean over every token of the batch, with
-    clip-higher (eps_high > eps_low).
+def dapo_loss(x: TokenInputs, *, eps_low: float = 0.2, eps_high: float = 0.28, kl_coef: float = 0.0,
+              mean_tokens: float = 0.0):
+    """DAPO (Yu et al. 2025, arXiv 2503.14476, eq. 8): one mean over every token, clip-higher (eps_high > eps_low).
 
-    L = sum_i w_i sum_t -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) / sum_i w_i |o_i|."""
-    return clipped_pg(x, aggregation="token", eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef)
+    L = sum_i w_i sum_t -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) / sum_i w_i |o_i|. The token count
+    is the dataset's: `mean_tokens` = sum w |o| / sum w over the whole batches dataset (train sets it), times
+    the step's examples; 0 takes this batch's own (the per-step rule)."""
+    u, s, m = clipped_pg(x, aggregation="token", eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef)
+    if mean_tokens:
+        size = float(mean_tokens)
+    else:
+        w = x.weight.to(s.dtype)
+        size = (w * s).sum() / w.sum().clamp_min(1e-30)
+    return _result(u, s, x, m, size)
 
 
 PG_LOSSES = {"grpo": grpo_loss, "dr-grpo": dr_grpo_loss, "dapo": dapo_loss}

@@ -84,7 +84,7 @@ def _parity(trainer, model, inputs, trl_loss) -> dict:
     """alignpipe's GRPO loss on TRL's batch and model (before the step), next to TRL's loss."""
     import torch
 
-    from alignpipe.policy_gradient import TokenInputs, batch_loss, grpo_loss
+    from alignpipe.policy_gradient import TokenInputs, grpo_loss
     from alignpipe.token_logps import response_token_logps
 
     p_ids, p_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -99,8 +99,8 @@ def _parity(trainer, model, inputs, trl_loss) -> dict:
     behaviour = logp.detach() if old is None else old[:, : logp.shape[1]].float()
     x = TokenInputs(logp=logp, behaviour_logp=behaviour, mask=mask, advantage=inputs["advantages"].float(),
                     weight=torch.ones(logp.shape[0]))
-    u, s, _ = grpo_loss(x, eps_low=EPS, eps_high=EPS)
-    loss = batch_loss(u, s, x.weight)
+    total, _ = grpo_loss(x, eps_low=EPS, eps_high=EPS)
+    loss = total / logp.shape[0]  # train's denominator: the step's examples (all weights 1)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)  # leaves TRL's .grad untouched
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None))

@@ -85,8 +85,8 @@ def test_on_policy_gradient_is_reinforce(name):
     adv = torch.randn(4, generator=g, dtype=torch.float64)
     x = TokenInputs(logp=logp, behaviour_logp=logp.detach().clone(), mask=mask, advantage=adv,
                     weight=torch.ones(4, dtype=torch.float64))
-    u, s, m = PG_LOSSES[name](x)
-    batch_loss(u, s, x.weight).backward()
+    total, m = PG_LOSSES[name](x)
+    (total / 4).backward()  # the trainer's denominator: 4 examples of weight 1
     scale = {"grpo": 1 / lengths.double() / 4, "dr-grpo": torch.full((4,), 1 / 5 / 4, dtype=torch.float64),
              "dapo": torch.full((4,), 1 / float(lengths.sum()), dtype=torch.float64)}[name]
     expected = -(scale * adv)[:, None] * mask
@@ -121,17 +121,15 @@ def _pick(x: TokenInputs, rows: list[int]) -> TokenInputs:
 @pytest.mark.parametrize("name", sorted(PG_LOSSES))
 def test_weight_zero_is_absent_and_weight_two_is_twice(name):
     x = _inputs(weight=(2.0, 0.0))
-    u, s, m = PG_LOSSES[name](x, **({"max_tokens": 3} if name == "dr-grpo" else {}))
-    weighted = batch_loss(u, s, x.weight)
+    weighted, m = PG_LOSSES[name](x, **({"max_tokens": 3} if name == "dr-grpo" else {}))
     (gw,) = torch.autograd.grad(weighted, x.logp)
     y = _inputs()
     twice = _cat(_pick(y, [0]), _pick(y, [0]))
-    u2, s2, m2 = PG_LOSSES[name](twice, **({"max_tokens": 3} if name == "dr-grpo" else {}))
-    plain = batch_loss(u2, s2, twice.weight)
+    plain, m2 = PG_LOSSES[name](twice, **({"max_tokens": 3} if name == "dr-grpo" else {}))
     (gp,) = torch.autograd.grad(plain, y.logp)
     assert float(weighted) == pytest.approx(float(plain), abs=1e-12)
     assert torch.allclose(gw, gp, atol=1e-12)  # the absent row gets no gradient, the doubled one the same
-    for k in ("clip/high", "clip/low", "ratio/mean", "ratio/std", "advantage/mean", "entropy_estimate"):
+    for k in ("loss", "clip/high", "clip/low", "ratio/mean", "ratio/std", "advantage/mean", "entropy_estimate"):
         assert float(m[k]) == pytest.approx(float(m2[k]), abs=1e-12), k
 
 
@@ -141,3 +139,19 @@ def test_zero_weight_row_with_nan_contributes_nothing():
     x.behaviour_logp[1, 0] = float("nan")
     u, s, _ = clipped_pg(x, aggregation="sequence", eps_low=0.2, eps_high=0.2, kl_coef=0.0)
     assert float(_value(u, s, x.weight)) == pytest.approx(-0.9)
+
+
+@pytest.mark.parametrize("name, expected", [("grpo", -0.9 + 1.15), ("dr-grpo", -2.7 / 4 + 2.3 / 4),
+                                            ("dapo", (-2.7 + 2.3) / 2.5)])
+def test_registered_losses_return_the_weighted_sum_for_the_trainer(name, expected):
+    """S = sum_i w_i u_i (DAPO: over the mean answer length, 2.5 tokens here); divided by the trainer's
+    denominator (2 examples of weight 1) it is the batch loss; metrics["loss"] is that batch loss."""
+    x = _inputs()
+    x.logp = x.logp.detach()
+    kw = {"dr-grpo": {"max_tokens": 4, "eps_high": 0.2}, "dapo": {"eps_high": 0.2}}.get(name, {})
+    total, m = PG_LOSSES[name](x, **kw)
+    assert float(total) == pytest.approx(expected, abs=1e-12)
+    assert float(m["loss"]) == pytest.approx(expected / 2, abs=1e-12)
+    if name == "dapo":  # the dataset's mean answer length instead of the batch's
+        total, _ = PG_LOSSES[name](x, eps_high=0.2, mean_tokens=5.0)
+        assert float(total) == pytest.approx((-2.7 + 2.3) / 5, abs=1e-12)
