@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from alignpipe.registry import ESTIMATORS as REGISTRY_ESTIMATORS
+
 Groups = list[list[float]]
 
 
@@ -83,14 +85,20 @@ def reinforce_pp_baseline(groups: Groups, *, eps: float = 1e-8) -> Groups:
     return reinforce_pp(dr_grpo(groups), eps=eps)
 
 
-ESTIMATORS: dict[str, Callable[..., Groups]] = {
-    "grpo": grpo,
-    "dr-grpo": dr_grpo,
-    "rloo": rloo,
-    "reinforce++": reinforce_pp,
-    "reinforce++-baseline": reinforce_pp_baseline,
-}
+ADVANTAGES = REGISTRY_ESTIMATORS  # the registry's table (alignpipe.registry), rows added here
+ADVANTAGES.add("grpo", grpo, docs={"eps": "added to the group's std"})
+ADVANTAGES.add("dr-grpo", dr_grpo)
+ADVANTAGES.add("rloo", rloo)
+ADVANTAGES.add("reinforce++", reinforce_pp, docs={"eps": "added to the batch's std"})
+ADVANTAGES.add("reinforce++-baseline", reinforce_pp_baseline, docs={"eps": "added to the batch's std"})
+ESTIMATORS: dict[str, Callable[..., Groups]] = {name: ADVANTAGES[name].fn for name in ADVANTAGES}
 EQUAL_GROUPS = ("drop", "keep")
+
+
+def estimator(spec: str) -> Callable[[Groups], Groups]:
+    """`--advantage NAME[,key=value...]` -> groups -> advantages (a UserError names a bad spec)."""
+    parsed = ADVANTAGES.parse(spec)
+    return lambda groups: parsed.component.fn(groups, **parsed.kwargs)
 
 
 def split_equal_groups(groups: Groups, mode: str = "drop", tol: float = 0.0) -> tuple[list[int], int]:

@@ -78,3 +78,15 @@ def test_unknown_names_are_errors():
         advantages("ppo", [[1, 0]])
     with pytest.raises(ValueError, match="drop, keep"):
         split_equal_groups([[1, 0]], "skip")
+
+
+def test_estimator_specs_parse_through_the_registry():
+    from alignpipe.advantages import estimator
+    from alignpipe.errors import UserError
+
+    assert estimator("grpo,eps=0")([[1, 0, 0, 1]])[0] == pytest.approx([0.5 / S3, -0.5 / S3, -0.5 / S3, 0.5 / S3])
+    assert estimator("rloo")([[1, 0, 0]]) == [[1.0, -0.5, -0.5]]
+    with pytest.raises(UserError, match="unknown advantage estimator 'ppo'"):
+        estimator("ppo")
+    with pytest.raises(UserError, match="has no parameter 'beta'"):
+        estimator("grpo,beta=1")
