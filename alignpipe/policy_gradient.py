@@ -68,7 +68,9 @@ def surrogate_terms(x: TokenInputs, *, eps_low: float, eps_high: float, kl_coef:
         if kl_coef:
             per_token = per_token + kl_coef * kl
     elif kl_coef:
-        raise ValueError("kl_coef > 0 needs reference log-probs (build-batches --reference)")
+        from alignpipe.errors import UserError
+
+        raise UserError("kl_coef > 0 needs per-token reference log-probs: build-batches --task group --reference MODEL")
     stats = {"rho": rho.detach(), "low": ((adv < 0) & (rho < 1 - eps_low)).detach(),
              "high": ((adv > 0) & (rho > 1 + eps_high)).detach(), "kl": None if kl is None else kl.detach()}
     return per_token * mask, stats

@@ -56,3 +56,44 @@ def pad_lists(lists, width: int, device, dtype=None):
         if values:
             out[i, : len(values)] = torch.tensor(values, dtype=out.dtype)
     return out.to(device)
+
+
+def group_batch_fields(group: dict, widths: int, device) -> dict:
+    """The group task's per-answer tensors of a micro-batch (train_data.collate_group): advantage (B,),
+    behaviour per-token log-probs (B, R) and, when stored, reference per-token log-probs (B, R)."""
+    import torch
+
+    out = {"advantage": torch.tensor(group["response1_advantage"], dtype=torch.float32, device=device),
+           "behaviour": pad_lists(group["response1_behaviour_logps"], widths, device)}
+    if group.get("response1_ref_logps") is not None:
+        out["ref_tokens"] = pad_lists(group["response1_ref_logps"], widths, device)
+    return out
+
+
+def token_inputs(model, tensors: dict, fields: dict, weight):
+    """TokenInputs of one micro-batch: the policy's per-token log-probs and entropies (one forward), with the
+    stored behaviour / reference log-probs and advantages of `group_batch_fields`."""
+    from alignpipe.policy_gradient import TokenInputs
+
+    logp, mask, entropy = response_token_logps(model, tensors, with_entropy=True)
+    return TokenInputs(logp=logp, behaviour_logp=fields["behaviour"], mask=mask, advantage=fields["advantage"],
+                       weight=weight, ref_logp=fields.get("ref_tokens"), entropy=entropy)
+
+
+def reference_token_logps(model, prompts: list, responses: list, pad_id: int, batch_size: int = 16,
+                          device="cpu") -> list[list[float]]:
+    """Per-token log-probs of many (prompt ids, response ids) under `model` (no grad), length-sorted batches."""
+    import torch
+
+    from alignpipe.logprobs import collate
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    result: list = [None] * len(prompts)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s: s + batch_size]
+            batch = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, device)
+            logp, mask, _ = response_token_logps(model, batch)
+            for row, i in enumerate(idx):
+                result[i] = logp[row, : len(responses[i])].tolist()
+    return result

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from alignpipe.errors import UserError
 from alignpipe.policy_gradient import PG_LOSSES, TokenInputs, batch_loss, clipped_pg
 
 L2 = math.log(2.0)
@@ -103,7 +104,7 @@ def test_k3_kl_by_hand():
     assert float(_value(u, s, x.weight)) == pytest.approx((-2.7 + 2.3 + 5 * 0.1 * k3) / 5, abs=1e-12)
     assert float(m["kl"]) == pytest.approx(k3)
     x2 = _inputs()
-    with pytest.raises(ValueError, match="reference"):
+    with pytest.raises(UserError, match="reference"):
         clipped_pg(x2, aggregation="token", eps_low=0.2, eps_high=0.2, kl_coef=0.1)
 
 

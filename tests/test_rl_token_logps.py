@@ -43,3 +43,14 @@ def test_token_logps_carry_gradient(tiny):
 
 def test_pad_lists():
     assert pad_lists([[1.0, 2.0], [3.0]], 3, "cpu").tolist() == [[1, 2, 0], [3, 0, 0]]
+
+
+def test_reference_token_logps_match_the_training_forward(tiny):
+    from alignpipe.token_logps import reference_token_logps
+
+    prompts, responses = [[5, 6, 7], [8, 9]], [[20, 21], [22, 23, 24]]
+    got = reference_token_logps(tiny, prompts, responses, pad_id=0, batch_size=1)
+    with torch.no_grad():
+        logp, _, _ = response_token_logps(tiny, collate(prompts, responses, pad_id=0))
+    assert [len(g) for g in got] == [2, 3]
+    assert got[0] == pytest.approx(logp[0, :2].tolist(), abs=1e-5) and got[1] == pytest.approx(logp[1].tolist(), abs=1e-5)
