@@ -4,8 +4,8 @@ One optimisation step consumes one stored `batch_index` group (or `--grad-accum`
 build-batches decides what goes into a group. Under several processes, rank r takes the examples
 r::world of every group, so the processes together see exactly the global batch of one process.
 
-Per-example weight: `response1_weight` for sft and pointwise rows; for pairs (pairwise, reward) the mean of
-`response1_weight` and `response2_weight` (the weighted schema's rule: a pair's weight is the mean of both).
+Per-example weight: the batches' `weight` column (build-batches writes one per example: a pair's is the mean
+of its two responses' weights, the weighted schema's rule).
 
 Pairs go through the model in ONE forward: the collated sequences are the B chosen rows followed by the B
 rejected rows (2B sequences), built with `alignpipe.logprobs.collate`. Pairs of log-prob losses also carry
@@ -24,9 +24,9 @@ PAIRED = ("reward", "pairwise")  # tasks whose examples are (chosen, rejected) p
 
 
 def _columns(task: str, stored_reference: bool) -> list[str]:
-    cols = ["example_id", "batch_index", "prompt_input_ids", "response1_input_ids", "response1_weight"]
+    cols = ["example_id", "batch_index", "prompt_input_ids", "response1_input_ids", "weight"]
     if task in PAIRED:
-        cols += ["response2_input_ids", "response2_weight"]
+        cols += ["response2_input_ids"]
     if task == "reward":
         cols.append("margin")
     if task == "pointwise":
@@ -88,10 +88,8 @@ def check_rows(ds, task: str, where: str, vocab_size: int, stored_reference: boo
     def floats(c):
         return table[c].to_numpy(zero_copy_only=False).astype(float)  # nulls become nan
 
-    for c in ("response1_weight", "response2_weight"):
-        if c in table.column_names:
-            w = floats(c)
-            _first_bad(np.isfinite(w) & (w >= 0), where, f"column '{c}' must be a finite number >= 0")
+    w = floats("weight")
+    _first_bad(np.isfinite(w) & (w >= 0), where, "column 'weight' must be a finite number >= 0")
     for c in (_ref_columns(task) if stored_reference else []) + (["margin"] if task == "reward" else []):
         _first_bad(np.isfinite(floats(c)), where, f"column '{c}' must be a finite number")
     if task == "pointwise":
@@ -129,17 +127,12 @@ def rank_slice(group: dict[str, list], rank: int, world: int) -> dict[str, list]
     if rank < n:
         return part
     pad = {k: v[:1] for k, v in group.items()}
-    for c in ("response1_weight", "response2_weight"):
-        if c in pad:
-            pad[c] = [0.0]
+    pad["weight"] = [0.0]
     return pad
 
 
 def example_weights(group: dict[str, list], task: str) -> list[float]:
-    w1 = group["response1_weight"]
-    if task in PAIRED:
-        return [(a + b) / 2 for a, b in zip(w1, group["response2_weight"])]
-    return list(w1)
+    return list(group["weight"])
 
 
 @dataclass
@@ -231,13 +224,8 @@ def micro_batches(ds, groups: list[tuple[int, list[int]]], task: str, stored_ref
 def dataset_scale(ds, task: str, steps_per_epoch: int) -> float:
     """D of the 'dataset' weight normalisation: the nominal examples per step (N / steps per epoch) times the
     mean example weight over the dataset, i.e. the total example weight divided by the steps per epoch."""
-    import numpy as np
-
-    table = _arrow(ds.select_columns(["response1_weight"] + (["response2_weight"] if task in PAIRED else [])))
-    w = table["response1_weight"].to_numpy(zero_copy_only=False).astype(np.float64)
-    if task in PAIRED:
-        w = (w + table["response2_weight"].to_numpy(zero_copy_only=False).astype(np.float64)) / 2
-    return math.fsum(w.tolist()) / max(1, steps_per_epoch)
+    w = _arrow(ds.select_columns(["weight"]))["weight"].to_pylist()
+    return math.fsum(w) / max(1, steps_per_epoch)
 
 
 @dataclass

@@ -83,11 +83,12 @@ def check_options(o: TrainOptions) -> None:
 
 def lora_options(o: TrainOptions, task: str):
     from alignpipe.checkpoint import LoraOptions
+    from alignpipe.models import is_adapter
 
     if o.lora_r is None:
         if o.target_modules or o.lora_alpha is not None:
             raise UserError("--lora-alpha/--target-modules need --lora-r")
-        if o.merge and not (Path(o.policy) / "adapter_config.json").exists():
+        if o.merge and not is_adapter(o.policy):
             raise UserError("--merge: only a LoRA run (--lora-r, or an adapter --policy) has one to merge")
         return None
     if o.lora_r < 1:
@@ -153,10 +154,12 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     from alignpipe import train_data as td
     from alignpipe import trainer as tr
     from alignpipe.io import read_input
+    from alignpipe.models import with_revision
     from alignpipe.output import StageOutput
     from alignpipe.trackers import parse as parse_trackers
 
     check_options(o)
+    o.policy = Path(with_revision(o.policy, o.revision))  # a Hub id org/name[@revision] or a folder
     report_to = parse_trackers(o.report_to or "")
     ds, kind = read_input(batches, BATCH_KINDS, stage="train")
     spec = loss_spec(o, kind, batches)

@@ -24,7 +24,8 @@ if __name__ == "schemas":  # the old top-level spelling, imported before alignpi
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = "1.2"  # 1.1: response{1,2}_finish_reason; 1.2: the sampled token ids (generations on)
+SCHEMA_VERSION = "2.0"  # 1.1: response{1,2}_finish_reason; 1.2: the sampled token ids (generations on);
+# 2.0: batches-* carry one `weight` per example instead of response{1,2}_weight (a renamed column: major)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,6 @@ def _batch_response(i: int, *, reward: bool, ref: bool) -> list[Column]:
         _c(r, "string", f"Text of response {i}" + (" (chosen)." if i == 1 else " (rejected).")),
         _c(f"{r}_input_ids", "ids", f"Token ids of response {i}, ending with EOS unless truncated, unpadded."),
         _c(f"{r}_attention_mask", "mask", f"Attention mask of response {i} (ones; zeros appear only when collated)."),
-        _c(f"{r}_weight", "float64", f"Training weight of response {i}."),
     ]
     if reward:
         cols.append(_c(f"{r}_reward", "float64", f"Reward of response {i}; null when unknown.", True))
@@ -104,6 +104,8 @@ _BATCH_HEAD = [
     _c("prompt", "string", "Prompt text as rendered for the model (chat template applied)."),
     _c("prompt_input_ids", "ids", "Token ids of the rendered prompt, truncated from the left, unpadded."),
     _c("prompt_attention_mask", "mask", "Attention mask of the prompt (ones; zeros appear only when collated)."),
+    _c("weight", "float64", "Training weight of the example (>= 0): its response's weight, for a pair the mean of "
+       "its two responses' weights (from reweight; 1 when unweighted). It counts this many times (train)."),
 ]
 
 KINDS: dict[str, tuple[str, list[Column]]] = {

@@ -62,6 +62,9 @@ def _output_row(ex: dict, batch_index: int, kind: str) -> dict:
         name = col.name
         if name == "batch_index":
             row[name] = batch_index
+        elif name == "weight":  # one weight per example: a pair's is the mean of its two responses'
+            ws = [ex[f"response{k}_weight"] for k in (1, 2) if f"response{k}_weight" in ex]
+            row[name] = sum(ws) / len(ws)
         elif name.endswith("_attention_mask"):
             row[name] = [1] * len(ex[name.replace("_attention_mask", "_input_ids")])
         else:
@@ -180,6 +183,8 @@ def command(
     = "median",
     reference: Annotated[Path | None, typer.Option(help="Reference model (folder or adapter): cache its "
                                                            "log-probs (pointwise, pairwise).")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of Hub id "
+                                                      "--tokenizer / --reference.")] = None,
     dtype: Annotated[str, typer.Option(help="Reference dtype: float32 | bfloat16 | float16.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
     batch_size_ref: Annotated[int, typer.Option(min=1, help="Sequences per reference forward.")] = 16,
@@ -192,9 +197,17 @@ def command(
                     max_prompt_length=max_prompt_length, group_by_length=group_by_length, group_size=group_size,
                     seed=seed, use_chat_template=not no_chat_template, num_examples=num_examples, pairs=pairs,
                     threshold=threshold)
+    tokenizer, reference = (_hub(m, revision) for m in (tokenizer, reference))
     say(run(inputs, out, task=task, opts=opts, tokenizer=tokenizer, chat_template=chat_template,
             reference=reference, dtype=dtype, device=device, batch_size_ref=batch_size_ref, shard_size=shard_size,
             config=resolved_config(ctx), force=force))
+
+
+def _hub(model: Path | None, revision: str | None) -> Path | None:
+    """A model named with --revision: org/name@revision (a local folder with --revision is an error)."""
+    from alignpipe.models import with_revision
+
+    return None if model is None else Path(with_revision(model, revision))
 
 
 def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokenizer: Path | None,
@@ -241,8 +254,8 @@ def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokeniz
 
 def _report_lines(r: dict, task: str, out: Path) -> str:
     lines = [f"build-batches: {r['examples']} {task} examples in {r['batches']} batches -> {out}",
-             f"padding: {r['padding_fraction']:.1%} length-grouped vs {r['padding_fraction_random']:.1%} random "
-             f"batching; truncated: {r['prompts_truncated']} prompts, {r['responses_truncated']} responses"]
+             (f"padding: {r['padding_fraction']:.1%} length-grouped vs {r['padding_fraction_random']:.1%} random "
+              f"batching; truncated: {r['prompts_truncated']} prompts, {r['responses_truncated']} responses")]
     for info in r["inputs"]:
         dropped = {k: v for k, v in info.items() if k not in ("path", "kind", "rows", "examples")}
         lines.append(f"  {info['path']}: {info['rows']} {info['kind']} rows -> {info['examples']} examples"

@@ -22,7 +22,15 @@ from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say, up_to_date_message
+from alignpipe.cli_common import (
+    ConfigOpt,
+    ForceOpt,
+    OutOpt,
+    handle_errors,
+    resolved_config,
+    say,
+    up_to_date_line,
+)
 from alignpipe.errors import UserError
 
 
@@ -93,10 +101,22 @@ def command(
     force: ForceOpt = False,
 ):
     """Win rate of a policy against another on held-out prompts (both orders), and mean rewards."""
-    from alignpipe.annotators import Runtime, build, parse_spec, spec_inputs
+    from alignpipe.annotators import Runtime
+
+    runtime = Runtime(device=device, dtype=dtype, batch_size=batch_size, cache_dir=None)
+    say(run(candidate, baseline, out, annotator, reference=reference, runtime=runtime, config=resolved_config(ctx),
+            force=force))
+
+
+def run(candidate: Path, baseline: Path, out: Path, annotator: list[str], *, reference: Path | None, runtime,
+        config: dict, force: bool) -> str:
+    """The stage around the cores (`match_pairs`, annotate's core, `win_summary`, `kl_estimate`); returns
+    the line to print."""
+    from alignpipe.stages.annotate import annotate, parse_weights
+
+    from alignpipe.annotators import build, parse_spec, spec_inputs
     from alignpipe.io import read_input
     from alignpipe.output import StageOutput
-    from alignpipe.stages.annotate import annotate, parse_weights
 
     specs = [parse_spec(s) for s in annotator]
     weights = parse_weights(None, specs)
@@ -111,23 +131,23 @@ def command(
         from alignpipe.models import check_model_folder
 
         check_model_folder(reference, "reference", False)
-    cfg = {**resolved_config(ctx), "annotator": [s.identity() for s in specs]}
+    cfg = {**config, "annotator": [s.identity() for s in specs]}
     so = StageOutput(out, stage="evaluate", kind="annotations", config=cfg, inputs=inputs, force=force)
     if so.up_to_date():
-        return up_to_date_message("evaluate", out)
-    annotators = [build(s, Runtime(device=device, dtype=dtype, batch_size=batch_size, cache_dir=None))
-                  for s in specs]
+        return up_to_date_line("evaluate", out)
+    annotators = [build(s, runtime) for s in specs]
     with so:
         result = annotate(pairs, "annotations", annotators, weights, "evaluate")
         so.report = win_summary(result)
         if reference is not None:
             from alignpipe.models import load_causal_lm, load_tokenizer, resolve_device
 
-            model = load_causal_lm(reference, dtype=dtype, device=resolve_device(device), what="reference")
-            so.report.update(kl_estimate(pairs, model, load_tokenizer(reference), batch_size=batch_size,
+            model = load_causal_lm(reference, dtype=runtime.dtype, device=resolve_device(runtime.device),
+                                   what="reference")
+            so.report.update(kl_estimate(pairs, model, load_tokenizer(reference), batch_size=runtime.batch_size,
                                          device=model.device))
         so.finish(result)
     r = so.report
-    say(f"evaluate: win rate {r.get('win_rate', float('nan')):.3f} over {r['judged']} pairs "
-        f"(mean P {r.get('mean_preference', float('nan')):.3f})"
-        + (f", KL vs reference {r['kl_vs_reference']:.2f} nats" if "kl_vs_reference" in r else "") + f" -> {out}")
+    return (f"evaluate: win rate {r.get('win_rate', float('nan')):.3f} over {r['judged']} pairs "
+            f"(mean P {r.get('mean_preference', float('nan')):.3f})"
+            + (f", KL vs reference {r['kl_vs_reference']:.2f} nats" if "kl_vs_reference" in r else "") + f" -> {out}")

@@ -47,7 +47,8 @@ def command(
     ctx: typer.Context,
     batches: Annotated[Path, typer.Argument(help="batches-<task> dataset from `alignpipe build-batches`.")],
     out: OutOpt,
-    policy: Annotated[Path, typer.Option(help="Model folder, adapter folder, or reward model to train.")],
+    policy: Annotated[Path, typer.Option(help="Model folder, adapter folder, or reward model to train; or a Hub "
+                                              "id org/name[@revision].")],
     loss: Annotated[str, typer.Option(help=_loss_help())],
     beta: Annotated[float | None, typer.Option(help="Shorthand of --loss NAME,beta=X (TRL's flag) for the losses "
                                                     "that take beta.")] = None,
@@ -82,6 +83,8 @@ def command(
     device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
     sharding: Annotated[str, typer.Option(help="Several processes: none (DDP) | grad-op (ZeRO-2) | full "
                                                "(ZeRO-3) | auto (accelerate launch's config).")] = "auto",
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of a Hub id "
+                                                      "--policy.")] = None,
     report_to: Annotated[str, typer.Option(help="Trackers besides TensorBoard, comma list: tensorboard, wandb, "
                                                 "mlflow, trackio.")] = "",
     config: ConfigOpt = None,

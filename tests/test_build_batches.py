@@ -323,7 +323,7 @@ def test_weights_and_prompts_input_details(data, tmp_path, tiny_tokenizer_dir):
     out = tmp_path / "b"
     assert build([data["weighted"]], out, tiny_tokenizer_dir, "--task", "pairwise").exit_code == 0
     ds, _ = read_input(out, "batches-pairwise", stage="t")
-    assert sorted(ds["response1_weight"]) == [0.25, 0.5, 0.75] and set(ds["response2_weight"]) == {2.0}
+    assert sorted(ds["weight"]) == [(0.25 + 2) / 2, (0.5 + 2) / 2, (0.75 + 2) / 2]  # a pair: the mean of both
     out = tmp_path / "sft"
     assert build([data["prompts"]], out, tiny_tokenizer_dir, "--task", "sft").exit_code == 0
     ds, _ = read_input(out, "batches-sft", stage="t")
@@ -494,6 +494,7 @@ def test_empty_responses_are_dropped_and_counted(tmp_path, tiny_tokenizer_dir):
     (["--task", "sft", "--reference", "REF"], "--reference: batches-sft has no reference log-prob columns"),
     (["--pairs", "margin:-1"], "--pairs 'margin:-1': at_least must be >= 0, e.g. margin:0.5"),
     (["--pairs", "margin:x"], "--pairs 'margin:x': at_least: expected a number, found 'x'"),
+    (["--revision", "main"], "is a local folder, not a Hub id"),
     (["--pairs", "best"], "--pairs 'best': unknown pairing 'best' (known: all, random, best-worst, margin)"),
     (["--task", "pointwise", "--threshold", "high"], "--threshold 'high': expected median, mean or a finite number"),
     (["--batch-size", 4, "--max-tokens-per-batch", 100], "give --batch-size or --max-tokens-per-batch, not both"),

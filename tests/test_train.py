@@ -55,7 +55,9 @@ def make_batches(task: str, examples: list[dict], tokenizer_dir, batch_size: int
                 ids = encode(tok, ex[f"response{r}"]) + [end]
                 row.update({f"response{r}": ex[f"response{r}"], f"response{r}_input_ids": ids,
                             f"response{r}_attention_mask": [1] * len(ids), f"response{r}_reward": None,
-                            f"response{r}_weight": float(ex.get(f"w{r}", 1.0)), f"response{r}_ref_logp": None})
+                            f"response{r}_ref_logp": None})
+        ws = [float(ex.get(f"w{r}", 1.0)) for r in (1, 2) if f"response{r}" in ex]
+        row["weight"] = sum(ws) / len(ws)  # one weight per example: a pair's is the mean of both
         rows.append(row)
     for r in (1, 2) if ref_model is not None else ():
         if f"response{r}_input_ids" in rows[0]:
@@ -408,6 +410,7 @@ def test_bad_inputs(tmp_path, tiny_lm_dir):
         (["--loss", "dpo,beta=0.1", "--beta", "0.2"], "--beta and 'beta=' in --loss 'dpo,beta=0.1': give one"),
         (["--loss", "dpo,beta=x"], "--loss 'dpo,beta=x': beta: expected a number, found 'x'"),
         (["--loss", "dpo", "--weight-normalization", "batch"], "--weight-normalization 'batch': unknown"),
+        (["--loss", "dpo", "--revision", "main"], "is a local folder, not a Hub id"),
         (["--loss", "simpo", "--reference", str(tiny_lm_dir)], "reference-free"),
         (["--loss", "nope"], "--loss 'nope': unknown"),
         (["--loss", "dpo", "--merge"], "--merge: only a LoRA run"),
@@ -419,9 +422,9 @@ def test_bad_inputs(tmp_path, tiny_lm_dir):
         assert len([x for x in out.splitlines() if x.startswith("error:")]) == 1
     code, out = train(b, "--policy", tmp_path / "nope", "--loss", "dpo", "--out", tmp_path / "p")
     assert code == 2 and f"policy {tmp_path / 'nope'}: no such folder" in out
-    bad = write_batches(tmp_path / "neg", "pairwise", [{**pairs(1)[0], "w2": -1.0}], tiny_lm_dir)
+    bad = write_batches(tmp_path / "neg", "pairwise", [{**pairs(1)[0], "w2": -3.0}], tiny_lm_dir)
     code, out = train(bad, "--policy", tiny_lm_dir, "--loss", "dpo", "--out", tmp_path / "p")
-    assert code == 2 and "row 0: column 'response2_weight' must be a finite number >= 0" in out
+    assert code == 2 and "row 0: column 'weight' must be a finite number >= 0" in out
     assert not (tmp_path / "p").exists()
 
 
