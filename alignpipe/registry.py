@@ -353,6 +353,6 @@ def markdown() -> str:
 
 
 if __name__ == "__main__":  # the registries live in the imported module, not in this __main__ copy
-    from alignpipe import registry
+    import importlib
 
-    print(registry.markdown(), end="")
+    print(importlib.import_module("alignpipe.registry").markdown(), end="")

@@ -41,8 +41,9 @@ def hinge():
 def test_a_new_loss_is_one_function_and_one_row(hinge, tmp_path, tiny_lm_dir):
     """Registered at runtime, without editing any stage module: parsed, validated, in --help, computed,
     and trained on by `alignpipe train`."""
-    from alignpipe.losses import LossInputs, compute_loss
     from test_train import losses_of, pairs, write_batches
+
+    from alignpipe.losses import LossInputs, compute_loss
 
     spec = hinge.parse("test-hinge,margin=0.5")
     assert spec.kwargs == {"margin": 0.5, "scale": 2.0} and spec.identity() == "test-hinge,margin=0.5"
@@ -94,8 +95,8 @@ def test_grammar(toy, text, given):
 
 @pytest.mark.parametrize("text, message", [
     ("nope", "--toy 'nope': unknown toy 'nope' (known: plain, free)"),
-    ("plain,beta=1", "--toy 'plain,beta=1': toy 'plain' has no parameter 'beta' (known: alpha, n, on, bound, "
-                     "name, weight)"),
+    ("plain,beta=1", ("--toy 'plain,beta=1': toy 'plain' has no parameter 'beta' (known: alpha, n, on, bound, "
+                      "name, weight)")),
     ("plain,n=1.5", "--toy 'plain,n=1.5': n: expected an integer, found '1.5'"),
     ("plain,alpha=inf", "alpha: expected a finite number, found 'inf'"),
     ("plain,on=maybe", "on: expected true or false, found 'maybe'"),
@@ -163,8 +164,7 @@ def test_docs_are_generated_from_the_registries():
 
 # ------------------------------------------------------------------------------ one load_function
 def test_one_load_function(tmp_path, monkeypatch):
-    import alignpipe.annotators as annotators
-    import alignpipe.weights as weights
+    from alignpipe import annotators, weights
 
     assert annotators.load_function is load_function and weights.load_function is load_function
     (tmp_path / "userfns_xyz.py").write_text("def f(t):\n    return 1\nX = 3\n")
