@@ -71,8 +71,10 @@ def init_distributed(device: str = "auto", sharding: str = "auto") -> Dist:
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     dev = resolve_device(device)
-    if dev == "cuda":
-        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if dev.startswith("cuda"):  # one GPU per process, else one line naming the cause
+        from alignpipe.devices import process_device
+
+        dev = process_device(dev, int(os.environ.get("LOCAL_RANK", "0")), world, torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if world > 1:
         import torch.distributed as dist
@@ -84,14 +86,18 @@ def init_distributed(device: str = "auto", sharding: str = "auto") -> Dist:
 
 def shard(module, reshard_after_forward: bool):
     """FSDP2: each decoder layer (the model's `_no_split_modules`) and then the root become shards."""
+    import torch.distributed as tdist
     from torch.distributed.fsdp import fully_shard
 
+    from alignpipe.devices import shard_mesh
+
+    mesh = shard_mesh(str(next(module.parameters()).device), tdist.get_world_size())  # not the machine's GPU
     base = module.get_base_model() if is_peft(module) else module
     layers = set(getattr(base, "_no_split_modules", None) or [])
     for sub in list(module.modules()):
         if type(sub).__name__ in layers:
-            fully_shard(sub, reshard_after_forward=reshard_after_forward)
-    return fully_shard(module, reshard_after_forward=reshard_after_forward)
+            fully_shard(sub, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
 
 @contextlib.contextmanager

@@ -178,10 +178,9 @@ def prepare(module, *, reference: Reference, task: str, loss: str, hparams: dict
 
 # ----------------------------------------------------------------------------------------- forwards
 def _autocast(run: Run):
-    import torch
+    from alignpipe.logprobs import autocast
 
-    device_type = "cuda" if run.dist.device.startswith("cuda") else "cpu"
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=run.dtype == "bfloat16")
+    return autocast(run.dist.device, run.dtype)
 
 
 def _tensors(batch) -> dict:
@@ -189,22 +188,13 @@ def _tensors(batch) -> dict:
             "response_mask": batch.response_mask}
 
 
-SHARED_PROMPT_MIN_WIDTH = 512  # narrower models: the second forward call costs more than the prompt it saves
-
-
 def _logps(run: Run, model, batch):
-    """Summed response log-probs and lengths: the prompt computed once for both answers of a pair when the
-    model is not wrapped for several processes (DDP wants one forward per backward), does not recompute
-    activations (gradient checkpointing drops the cache) and is wide enough to gain (measured: SmolLM2-135M,
-    width 576, 4-7% less CPU per step; the 64-wide test model 20% more); else one concatenated forward."""
-    from alignpipe.logprobs import sequence_logps, shared_prompt_logps
+    """Summed response log-probs and lengths, as `alignpipe.logprobs.summed_logps` computes them (the same
+    calls build-batches' reference pass makes): the prompt computed once for both answers of a pair where
+    `use_shared_prompt` says it pays (decided on the policy, for the policy and a live reference alike)."""
+    from alignpipe.logprobs import summed_logps, use_shared_prompt
 
-    bare = run.module.get_base_model() if is_peft(run.module) else run.module
-    wide = getattr(bare.config, "hidden_size", 0) >= SHARED_PROMPT_MIN_WIDTH
-    if batch.shared is not None and wide and run.dist.world == 1 and not getattr(bare, "is_gradient_checkpointing",
-                                                                                 False):
-        return shared_prompt_logps(model, batch.shared)
-    return sequence_logps(model, _tensors(batch))
+    return summed_logps(model, _tensors(batch), batch.shared, use_shared_prompt(run.module, run.dist.world))
 
 
 def policy_outputs(run: Run, batch):

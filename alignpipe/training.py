@@ -182,6 +182,7 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     use_stored = spec.component.needs_reference and o.reference in ("auto", "stored")
     stored = td.stored_reference_state(ds, task, str(batches)) if use_stored else "none"
     ref = choose_reference(o.reference, spec, stored, module, lora is not None)
+    numerics = reference_numerics(batches, ref, module, o.dtype, dist)
     td.check_rows(ds, task, str(batches), module.get_input_embeddings().num_embeddings,
                   stored_reference=ref.kind == "stored")
     groups = td.batch_groups(ds)
@@ -196,6 +197,10 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
         start, history, found = ck.resume(so.partial, run.module, run.optimizer, run.scheduler, rank=dist.rank,
                                           require=o.resume)
         log = _metrics_log(so, history, report_to, config) if dist.rank == 0 else None
+        if log is not None and numerics and not numerics["match"]:
+            from alignpipe.cli_common import say
+
+            say(f"train: note: {numerics['note']}")
         _fit(run, ds, groups, plan, so, log, o, start, found, td.describe(batches, ds, groups), spec)
         final = tr.unsharded(run, lambda: load()[0])
         line = None
@@ -203,7 +208,8 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
             report = {"loss": spec.name, "loss_spec": str(spec), "task": task, "hyperparameters": spec.kwargs,
                       "reference": ref.kind, "weight_normalization": norm.rule, "dataset_scale": norm.scale,
                       "processes": dist.world, "device": dist.device, "sharding": dist.sharding,
-                      "save_every": o.save_every, "resumed_from_step": start or None}
+                      "save_every": o.save_every, "resumed_from_step": start or None,
+                      **({"reference_numerics": numerics} if numerics else {})}
             line = _finish(so, log, report, lambda folder: ck.save_policy(
                 final, tokenizer, folder, base_path=_base(Path(o.policy)), merge=o.merge, dtype=o.dtype))
         dist.barrier()
@@ -212,6 +218,20 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
         if dist.rank == 0:
             so.__exit__(None, None, None)
         tr.shutdown(dist)
+
+
+def reference_numerics(batches: Path, ref, module, dtype: str, dist) -> dict | None:
+    """With a stored reference: how it was computed (the batches' manifest), how this run computes the policy's
+    log-probs, whether they agree and, if not, the one-line note train prints (None without a stored one)."""
+    from alignpipe import logprobs
+    from alignpipe.manifest import read_manifest
+
+    if ref.kind != "stored":
+        return None
+    stored = ((read_manifest(batches) or {}).get("report") or {}).get("reference_numerics")
+    used = logprobs.reference_numerics(dtype, dist.device, logprobs.use_shared_prompt(module, dist.world), dist.world)
+    note = logprobs.numerics_mismatch(stored, used)
+    return {"stored": stored, "train": used, "match": note is None, **({"note": note} if note else {})}
 
 
 def _fit(run, ds, groups, plan, so, log, o: TrainOptions, start: int, found, about: str, spec) -> None:

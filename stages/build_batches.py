@@ -8,7 +8,10 @@ mixed with `--mix 0.5,0.3,0.2` (replay of earlier iterations; see `alignpipe.bat
 Output: `batches-<task>`, one row per example, unpadded, in batch order with its `batch_index`, so `train`
 reads batches in order and resumes by index. Tasks: `alignpipe.tasks`; tokenisation, truncation and batch
 composition: `alignpipe.batching`. `--reference MODEL` (pointwise, pairwise) stores each response's summed
-log-probs under the reference model, computed in resumable shards, so `train` needs no reference in memory.
+log-probs under the reference model, computed in resumable shards, so `train` needs no reference in memory;
+they are computed as `train` computes the policy's for the same `--dtype` (bfloat16: autocast over float32
+weights), batch by stored batch, so with policy = reference the first DPO loss is exactly log 2. How they
+were computed is recorded in the manifest (`reference_numerics`); train notes any difference from its own.
 
 Bad input: an empty prompt, a NaN/negative weight, a non-finite reward, a preference outside [0, 1],
 mismatched pair ids and a task that needs rewards on data without them are errors naming the row and column;
@@ -114,19 +117,29 @@ def build_batches(inputs: list[tuple], tokenizer, task: str, opts: BatchOptions)
     return Dataset.from_list(rows, features=schemas.features(spec.kind)), report
 
 
-def reference_logps(part, model, *, pad_id: int, num_responses: int, batch_size: int = 16, device="cpu"):
-    """`part` with `response{k}_ref_logp` = summed log-probs of each response under `model`."""
+def reference_logps(part, model, *, whole, start: int, groups, task: str, pad_id: int, dtype: str, device):
+    """`part` (rows start.. of `whole`) with `response{k}_ref_logp` = summed log-probs of each response under
+    `model`, computed exactly as train computes the policy's (`alignpipe.logprobs.batch_logps`): stored batch by
+    stored batch (`groups`; a batch cut by the shard's edge is computed whole), collated as train collates it,
+    under training's autocast for `dtype`. So with policy = reference train's first differences are exactly 0."""
     from datasets import Value
 
-    from alignpipe import logprobs
+    from alignpipe import logprobs, train_data
 
-    n = len(part)
-    prompts = list(part["prompt_input_ids"]) * num_responses
-    responses = [ids for k in range(1, num_responses + 1) for ids in part[f"response{k}_input_ids"]]
-    scores = logprobs.score_responses(model, prompts, responses, pad_id, batch_size, device)
-    for k in range(1, num_responses + 1):
+    n, end = len(part), start + len(part)
+    values: dict[int, list] = {1: [None] * n, 2: [None] * n}
+    for _, rows in groups:
+        if rows[-1] < start or rows[0] >= end:
+            continue
+        batch = train_data.collate_group(train_data.read_group(whole, rows, task, False), task, pad_id, device)
+        logps = logprobs.batch_logps(model, batch, dtype=dtype, device=device).tolist()
+        for j, row in enumerate(rows):
+            if start <= row < end:
+                values[1][row - start] = logps[j]
+                values[2][row - start] = logps[len(rows) + j] if batch.paired else None
+    for k in (1, 2) if task == "pairwise" else (1,):
         col = f"response{k}_ref_logp"
-        part = part.remove_columns(col).add_column(col, scores[(k - 1) * n: k * n], feature=Value("float64"))
+        part = part.remove_columns(col).add_column(col, values[k], feature=Value("float64"))
     return part
 
 
@@ -185,9 +198,9 @@ def command(
                                                            "log-probs (pointwise, pairwise).")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of Hub id "
                                                       "--tokenizer / --reference.")] = None,
-    dtype: Annotated[str, typer.Option(help="Reference dtype: float32 | bfloat16 | float16.")] = "float32",
+    dtype: Annotated[str, typer.Option(help="Reference numerics, as train's --dtype: float32 | bfloat16 (autocast "
+                                            "over float32 weights) | float16 (float16 weights).")] = "float32",
     device: Annotated[str, typer.Option(help="cpu | cuda | auto.")] = "auto",
-    batch_size_ref: Annotated[int, typer.Option(min=1, help="Sequences per reference forward.")] = 16,
     shard_size: Annotated[int, typer.Option(min=1, help="Examples per resumable reference shard.")] = 512,
     config: ConfigOpt = None,
     force: ForceOpt = False,
@@ -199,7 +212,7 @@ def command(
                     threshold=threshold)
     tokenizer, reference = (_hub(m, revision) for m in (tokenizer, reference))
     say(run(inputs, out, task=task, opts=opts, tokenizer=tokenizer, chat_template=chat_template,
-            reference=reference, dtype=dtype, device=device, batch_size_ref=batch_size_ref, shard_size=shard_size,
+            reference=reference, dtype=dtype, device=device, shard_size=shard_size,
             config=resolved_config(ctx), force=force))
 
 
@@ -211,7 +224,7 @@ def _hub(model: Path | None, revision: str | None) -> Path | None:
 
 
 def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokenizer: Path | None,
-        chat_template: Path | None, reference: Path | None, dtype: str, device: str, batch_size_ref: int,
+        chat_template: Path | None, reference: Path | None, dtype: str, device: str, 
         shard_size: int, config: dict, force: bool) -> str:
     """The stage around the core: checks, reading, the atomic output, the reference pass in resumable
     shards; returns what to print."""
@@ -239,13 +252,19 @@ def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokeniz
     with so:
         ds, so.report = build_batches(data, tok, task, opts)
         if reference is not None:
-            model = load_causal_lm(reference, dtype=dtype, device=device, what="reference model").eval()
+            from alignpipe import logprobs
+            from alignpipe.train_data import batch_groups
+
+            weights = "float32" if dtype == "bfloat16" else dtype  # bfloat16: training's autocast over float32
+            model = load_causal_lm(reference, dtype=weights, device=device, what="reference model").eval()
             _check_vocab(ds, model, spec.num_responses, reference)
-            dev = next(model.parameters()).device
+            dev, groups, whole = next(model.parameters()).device, batch_groups(ds), ds
+            so.report["reference_numerics"] = logprobs.reference_numerics(dtype, dev, logprobs.use_shared_prompt(model))
 
             def shard(part, index):
-                return reference_logps(part, model, pad_id=tok.pad_token_id, num_responses=spec.num_responses,
-                                       batch_size=batch_size_ref, device=dev)
+                return reference_logps(part, model, whole=whole, start=index * shard_size, groups=groups,
+                                       task=spec.kind.removeprefix("batches-"), pad_id=tok.pad_token_id,
+                                       dtype=dtype, device=dev)
 
             ds = map_shards(so, ds, shard, shard_size, "reference log-probs")
         so.finish(ds)

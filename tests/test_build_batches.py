@@ -21,6 +21,7 @@ from alignpipe.manifest import read_manifest
 from alignpipe.models import load_tokenizer
 from alignpipe.output import StageOutput
 from alignpipe.prompting import encode
+from alignpipe.testing import logp_tolerance
 
 runner = CliRunner()
 IM_END, EOS = 2, 0  # ids in the tiny tokenizer
@@ -419,23 +420,23 @@ def test_reference_logps_equal_direct_forward(task, inputs, data, tmp_path, tiny
 
     out = tmp_path / "b"
     result = invoke("build-batches", *[data[i] for i in inputs], "--out", out, "--task", task, "--reference",
-                    tiny_lm_dir, "--device", "cpu", "--batch-size-ref", 3, "--shard-size", 2)
+                    tiny_lm_dir, "--device", "cpu", "--batch-size", 3, "--shard-size", 2)
     assert result.exit_code == 0, result.output
     ds, _ = read_input(out, f"batches-{task}", stage="train")
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
     ks = (1, 2) if task == "pairwise" else (1,)
-    worst = max(abs(r[f"response{k}_ref_logp"] - _direct_logp(model, r["prompt_input_ids"], r[f"response{k}_input_ids"]))
-                for r in ds for k in ks)
-    assert worst < 1e-5
+    # float32 summation order differs across CPUs (AVX2 / AVX-512 kernels): a bound per token, not 1e-5 in all
+    assert all(abs(r[f"response{k}_ref_logp"] - _direct_logp(model, r["prompt_input_ids"], r[f"response{k}_input_ids"]))
+               <= logp_tolerance("float32", ("cpu",), len(r[f"response{k}_input_ids"])) for r in ds for k in ks)
     assert str(tiny_lm_dir) in [i["path"] for i in read_manifest(out)["inputs"]]
 
 
 def test_reference_resumes_after_a_crash(data, tmp_path, tiny_lm_dir, monkeypatch):
-    from alignpipe import logprobs
+    from alignpipe.stages import build_batches as stage
 
     args = ("build-batches", data["scored"], data["pref"], "--out", tmp_path / "b", "--task", "pairwise",
             "--pairs", "all", "--reference", tiny_lm_dir, "--device", "cpu", "--shard-size", 3)
-    real, calls = logprobs.score_responses, []
+    real, calls = stage.reference_logps, []
 
     def dies_on_second_shard(*a, **kw):
         calls.append(1)
@@ -443,9 +444,9 @@ def test_reference_resumes_after_a_crash(data, tmp_path, tiny_lm_dir, monkeypatc
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(logprobs, "score_responses", dies_on_second_shard)
+    monkeypatch.setattr(stage, "reference_logps", dies_on_second_shard)
     assert invoke(*args).exit_code == 130 and not (tmp_path / "b").exists()
-    monkeypatch.setattr(logprobs, "score_responses", real)
+    monkeypatch.setattr(stage, "reference_logps", real)
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     resumed = read_input(tmp_path / "b", "batches-pairwise", stage="t")[0]
