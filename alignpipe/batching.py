@@ -6,7 +6,8 @@ separately and unpadded, so the loss mask is structural: `collate` marks only re
 - The prompt is rendered with `alignpipe.prompting.render_prompt` (chat template for conversations, and for
   plain prompts when the tokenizer has one unless `use_chat_template=False`) and encoded without adding
   special tokens (the template carries its own).
-- A response is `encode(text) + [end]`. `end` is the token that closes an assistant turn in the chat
+- A response is its token ids exactly as sampled when the task keeps them (`_ids1`: the group task of online
+  RL, whose per-token behaviour log-probs belong to those tokens), else `encode(text) + [end]`. `end` is the token that closes an assistant turn in the chat
   template (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3) when the prompt went through the template,
   else the EOS token. One token only: it is where generation stops (chat models list it among their EOS ids),
   so the stored response matches what `generate` sampled; text the template puts after it ("\n") is
@@ -83,7 +84,8 @@ def tokenise(examples: list[dict], tokenizer, *, num_responses: int, max_length:
             chat = bool(ex["messages"]) or (has_template and use_chat_template)
             cache[key] = (text, encode(tokenizer, text), turn_end if chat and turn_end is not None else eos)
         text, prompt_ids, end = cache[key]
-        responses = [encode(tokenizer, ex[f"response{k}"]) + ([] if ex.get(f"_open{k}") else [end])
+        responses = [list(ex[f"_ids{k}"]) if ex.get(f"_ids{k}") is not None  # as sampled (group task)
+                     else encode(tokenizer, ex[f"response{k}"]) + ([] if ex.get(f"_open{k}") else [end])
                      for k in range(1, num_responses + 1)]
         prompt_ids, responses, cut_prompt, cut = truncate(prompt_ids, responses, max_length, max_prompt_length)
         counts["prompts_truncated"] += cut_prompt

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alignpipe.losses import torch
+from alignpipe.losses import LOSSES, torch
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -170,4 +170,15 @@ def dapo_loss(x: TokenInputs, *, eps_low: float = 0.2, eps_high: float = 0.28, k
     return _result(u, s, x, m, size)
 
 
-PG_LOSSES = {"grpo": grpo_loss, "dr-grpo": dr_grpo_loss, "dapo": dapo_loss}
+_PG = {"eps_low": "clip below: rho >= 1 - eps_low counts for A < 0",
+       "eps_high": "clip above: rho <= 1 + eps_high counts for A > 0 (DAPO's clip-higher: eps_high > eps_low)",
+       "kl_coef": "coefficient of the k3 KL to the reference per token (needs build-batches --reference)"}
+LOSSES.add("grpo", grpo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
+           paper="Shao et al. 2024, DeepSeekMath GRPO (arXiv 2402.03300)", docs=_PG)
+LOSSES.add("dr-grpo", dr_grpo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
+           paper="Liu et al. 2025, Dr. GRPO (arXiv 2503.20783)",
+           docs={**_PG, "max_tokens": "the constant C token sums are divided by (0: the batch's longest answer)"})
+LOSSES.add("dapo", dapo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
+           paper="Yu et al. 2025, DAPO (arXiv 2503.14476)",
+           docs={**_PG, "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"})
+PG_LOSSES = {name: LOSSES[name].fn for name in ("grpo", "dr-grpo", "dapo")}

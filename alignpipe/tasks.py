@@ -37,12 +37,15 @@ class TaskOptions:
     pairs: str = "best-worst"  # how generations of one prompt are paired: an alignpipe.pairing spec
     threshold: str = "median"  # pointwise: median | mean | a number
     seed: int = 0
+    advantage: str = "grpo"  # group: an alignpipe.advantages estimator spec
+    equal_groups: str = "drop"  # group: drop | keep groups whose rewards are all equal
 
 
 # ------------------------------------------------------------------------------------------ input rows
-def rows_of(ds, kind: str, where: str, counts: Counter) -> list[dict]:
+def rows_of(ds, kind: str, where: str, counts: Counter, extra: tuple[str, ...] = ()) -> list[dict]:
     """Annotation-shaped rows (with weights and generation tags) of a prompts/generations/annotations/weighted
-    dataset; held-out prompts (split != 'train') are skipped and counted. Validates every row."""
+    dataset; held-out prompts (split != 'train') are skipped and counted. Validates every row. `extra`:
+    further annotation columns a task reads (null when the dataset has none)."""
     if kind == "prompts":
         rows = []
         for i, r in enumerate(ds.select_columns(["prompt_id", "prompt", "messages", "reference", "split"])):
@@ -57,7 +60,8 @@ def rows_of(ds, kind: str, where: str, counts: Counter) -> list[dict]:
     else:
         cols = list(_FIELDS) + ["response1_finish_reason", "response2_finish_reason"]
         cols += ["response1_weight", "response2_weight"] if kind == "weighted" else []
-        rows = [_row(i, r) for i, r in enumerate(ds.select_columns(cols))]
+        have = [c for c in extra if c in ds.column_names]
+        rows = [{**_row(i, r), **{c: r.get(c) for c in extra}} for i, r in enumerate(ds.select_columns(cols + have))]
     for row in rows:
         _check_row(row, f"{where} row {row['_row']}", weighted=kind == "weighted")
     return rows
@@ -296,6 +300,13 @@ def pointwise_examples(rows: list[dict], where: str, opts: TaskOptions, counts: 
     return out
 
 
+def group_examples(rows: list[dict], where: str, opts: TaskOptions, counts: Counter) -> list[dict]:
+    """The group task (alignpipe.group_task): advantages by the --advantage estimator within each group."""
+    from alignpipe import advantages, group_task
+
+    return group_task.group_examples(rows, where, advantages.estimator(opts.advantage), opts.equal_groups, counts)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     fn: Callable  # fn(rows, where, opts, counts) -> examples
@@ -303,6 +314,7 @@ class TaskSpec:
     input_kinds: tuple[str, ...]
     num_responses: int  # responses per example (sequences per example in a forward)
     doc: str
+    extra: tuple[str, ...] = ()  # annotation columns the task reads beyond the usual ones
 
 
 _FEEDBACK = ("weighted", "annotations")
@@ -315,6 +327,10 @@ TASKS: dict[str, TaskSpec] = {
                           "desirable/undesirable generations, from labels or rewards vs --threshold (KTO)"),
     "pairwise": TaskSpec(pairwise_examples, "batches-pairwise", _FEEDBACK, 2,
                          "chosen/rejected pairs: preference, or generations paired by --pairs (DPO family)"),
+    "group": TaskSpec(group_examples, "batches-group", _FEEDBACK, 1,
+                      "one example per sampled answer with its advantage within its prompt's group (--advantage), "
+                      "sampled token ids and per-token behaviour log-probs (policy-gradient losses)",
+                      ("response1_token_ids", "response1_token_logps")),
 }
 
 
@@ -327,7 +343,7 @@ def task(name: str) -> TaskSpec:
 def make_examples(ds, kind: str, spec: TaskSpec, where: str, opts: TaskOptions) -> tuple[list[dict], Counter]:
     """The examples of one input dataset for a task, and the counts of what was skipped or dropped."""
     counts: Counter = Counter()
-    examples = spec.fn(rows_of(ds, kind, where, counts), where, opts, counts)
+    examples = spec.fn(rows_of(ds, kind, where, counts, spec.extra), where, opts, counts)
     seen: dict[str, int] = {}
     for ex in examples:
         ex["_at"] = f"{where} row {ex['_row']}"

@@ -31,8 +31,10 @@ def _columns(task: str, stored_reference: bool) -> list[str]:
         cols.append("margin")
     if task == "pointwise":
         cols.append("response1_label")
+    if task == "group":
+        cols += ["response1_advantage", "response1_behaviour_logps"]
     if stored_reference:
-        cols += ["response1_ref_logp"] + (["response2_ref_logp"] if task == "pairwise" else [])
+        cols += _ref_columns(task)
     return cols
 
 
@@ -45,7 +47,7 @@ def batch_groups(ds) -> list[tuple[int, list[int]]]:
 
 
 def _ref_columns(task: str) -> list[str]:
-    return {"pointwise": ["response1_ref_logp"],
+    return {"pointwise": ["response1_ref_logp"], "group": ["response1_ref_logps"],
             "pairwise": ["response1_ref_logp", "response2_ref_logp"]}.get(task, [])
 
 
@@ -90,7 +92,8 @@ def check_rows(ds, task: str, where: str, vocab_size: int, stored_reference: boo
 
     w = floats("weight")
     _first_bad(np.isfinite(w) & (w >= 0), where, "column 'weight' must be a finite number >= 0")
-    for c in (_ref_columns(task) if stored_reference else []) + (["margin"] if task == "reward" else []):
+    scalar_refs = _ref_columns(task) if stored_reference and task != "group" else []
+    for c in scalar_refs + (["margin"] if task == "reward" else []):
         _first_bad(np.isfinite(floats(c)), where, f"column '{c}' must be a finite number")
     if task == "pointwise":
         _first_bad(~table["response1_label"].is_null().to_numpy(zero_copy_only=False), where,
@@ -151,6 +154,7 @@ class Batch:
     num_tokens: int = 0  # non-pad tokens in the forward
     shared: dict | None = None  # pairwise: the same sequences as prompt once + 2B answers (collate_shared)
     weight_sum: float = 0.0  # sum of `weight`, as a Python number (no host read in the step)
+    group: dict | None = None  # group task: advantage (B,), behaviour / ref_tokens (B, R) (token_logps)
 
     @property
     def paired(self) -> bool:
@@ -183,6 +187,10 @@ def collate_group(group: dict[str, list], task: str, pad_id: int, device, real: 
         batch.label = torch.tensor(group["response1_label"], dtype=torch.bool, device=device)
     if task == "reward":
         batch.margin = f32(group["margin"])
+    if task == "group":
+        from alignpipe.token_logps import group_batch_fields
+
+        batch.group = group_batch_fields(group, max(map(len, responses)), device)
     if "response1_ref_logp" in group:
         batch.ref1 = f32(group["response1_ref_logp"])
         if "response2_ref_logp" in group:
@@ -219,6 +227,17 @@ def micro_batches(ds, groups: list[tuple[int, list[int]]], task: str, stored_ref
         part = rank_slice(group, rank, world)
         out.append(collate_group(part, task, pad_id, device, real=rank < len(rows)))
     return Step(out, math.fsum(weights), examples, tokens)
+
+
+def mean_answer_tokens(ds) -> float:
+    """sum_i w_i |o_i| / sum_i w_i over a batches dataset: the token normaliser of DAPO's dataset-level loss."""
+    table = _arrow(ds.select_columns(["weight", "response1_input_ids"]))
+    import pyarrow.compute as pc
+
+    w = table["weight"].to_pylist()
+    n = pc.list_value_length(table["response1_input_ids"]).to_pylist()
+    total = math.fsum(w)
+    return math.fsum(a * b for a, b in zip(w, n)) / total if total > 0 else 1.0
 
 
 def dataset_scale(ds, task: str, steps_per_epoch: int) -> float:

@@ -208,6 +208,15 @@ def policy_outputs(run: Run, batch):
     return logps, lengths.float()
 
 
+def token_inputs(run: Run, batch):
+    """The group task's TokenInputs: the policy's per-token log-probs and entropies of the sampled answers (one
+    forward), with their stored behaviour (and reference) log-probs and advantages."""
+    from alignpipe.token_logps import token_inputs as make
+
+    with _autocast(run):
+        return make(run.model, _tensors(batch), batch.group, batch.weight)
+
+
 def reference_logps(run: Run, batch):
     """(ref1, ref2) summed reference log-probs, each (B,) or None; no gradients."""
     import torch
@@ -270,8 +279,11 @@ def accumulate_gradients(run: Run, step) -> tuple[list[str], object]:
     for i, batch in enumerate(step.micro):
         share = batch.weight_sum / step.weight if step.weight > 0 else 0.0
         with no_sync(run, sync=i == len(step.micro) - 1):
-            values, lengths = policy_outputs(run, batch)
-            x = loss_inputs(run, batch, values, lengths, reference_logps(run, batch))
+            if batch.group is not None:  # token-level policy-gradient losses (alignpipe.policy_gradient)
+                x = token_inputs(run, batch)
+            else:
+                values, lengths = policy_outputs(run, batch)
+                x = loss_inputs(run, batch, values, lengths, reference_logps(run, batch))
             loss, metrics = compute_loss(run.loss, x, **run.hparams)
             (loss * scale).backward()
         for k, v in metrics.items():

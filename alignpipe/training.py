@@ -14,7 +14,7 @@ from pathlib import Path
 from alignpipe.cli_common import up_to_date_line
 from alignpipe.errors import UserError
 
-BATCH_KINDS = ("batches-sft", "batches-reward", "batches-pointwise", "batches-pairwise")
+BATCH_KINDS = ("batches-sft", "batches-reward", "batches-pointwise", "batches-pairwise", "batches-group")
 REFERENCE_CHOICES = ("auto", "stored", "policy")
 
 
@@ -119,6 +119,17 @@ def choose_reference(choice: str, spec, stored: str, module, lora: bool):
     return Reference("model", frozen(load_causal_lm(choice, what="reference")))
 
 
+def group_reference(choice: str, spec, stored: str, batches: Path):
+    """A policy-gradient loss with a KL term reads the per-token reference log-probs stored in the batches."""
+    from alignpipe.trainer import Reference
+
+    if choice not in ("auto", "stored") or stored != "all":
+        raise UserError(f"--loss {spec.text}: kl_coef > 0 needs the per-token reference log-probs stored in {batches} "
+                        "(build-batches --task group --reference MODEL); --reference policy/MODEL is not supported "
+                        "for policy-gradient losses")
+    return Reference("stored")
+
+
 def _enter(so, dist) -> None:
     """Rank 0 takes the lock and opens the partial folder; every rank learns whether that worked."""
     error = None
@@ -179,16 +190,21 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     torch.manual_seed(o.seed)
     module, tokenizer = load()
     task = spec.component.task
-    use_stored = spec.component.needs_reference and o.reference in ("auto", "stored")
+    pg_kl = task == "group" and (spec.kwargs.get("kl_coef") or 0) > 0  # per-token reference, stored only
+    use_stored = (spec.component.needs_reference or pg_kl) and o.reference in ("auto", "stored")
     stored = td.stored_reference_state(ds, task, str(batches)) if use_stored else "none"
-    ref = choose_reference(o.reference, spec, stored, module, lora is not None)
-    numerics = reference_numerics(batches, ref, module, o.dtype, dist)
+    ref = group_reference(o.reference, spec, stored, batches) if pg_kl else \
+        choose_reference(o.reference, spec, stored, module, lora is not None)
+    numerics = reference_numerics(batches, ref, module, o.dtype, dist) if task != "group" else None
     td.check_rows(ds, task, str(batches), module.get_input_embeddings().num_embeddings,
                   stored_reference=ref.kind == "stored")
     groups = td.batch_groups(ds)
     plan = td.Plan(len(groups), o.grad_accum, o.epochs, o.max_steps)
     norm = tr.Normalization(o.weight_normalization, td.dataset_scale(ds, task, plan.steps_per_epoch))
-    run = tr.prepare(module, reference=ref, task=task, loss=spec.name, hparams=spec.kwargs, dist=dist,
+    hparams = dict(spec.kwargs)
+    if hparams.get("mean_tokens") == 0 and o.weight_normalization == "dataset":  # DAPO: the dataset's tokens
+        hparams["mean_tokens"] = td.mean_answer_tokens(ds)
+    run = tr.prepare(module, reference=ref, task=task, loss=spec.name, hparams=hparams, dist=dist,
                      normalization=norm, pad_id=tokenizer.pad_token_id, lr=o.lr, weight_decay=o.weight_decay,
                      scheduler=o.scheduler, warmup_steps=o.warmup_steps, total_steps=plan.total_steps,
                      dtype=o.dtype, max_grad_norm=o.max_grad_norm)

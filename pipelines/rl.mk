@@ -26,9 +26,9 @@
 #   EQUAL_GROUPS     drop (DAPO dynamic sampling) | keep: groups whose answers all got the same reward
 #   LOSS             policy-gradient loss spec: grpo | dr-grpo | dapo, with hyperparameters, e.g.
 #                    dapo,eps_high=0.28  or  grpo,kl_coef=0.04 (a KL term needs REFERENCE_OPTS)
-#   BATCH            answers per optimiser step; PROMPTS_PER_ITER*NUM_SAMPLES = one step per generation batch
-#                    (on-policy); smaller = several steps per generation batch (off-policy after the first,
-#                    corrected by the per-token ratio and its clip)
+#   BATCH            answers per optimiser step (default 16: up to 8 steps per generation batch of 16 x 8,
+#                    off-policy after the first, corrected by the per-token ratio and its clip);
+#                    PROMPTS_PER_ITER*NUM_SAMPLES = one on-policy step per generation batch
 #   EPOCHS           passes over each generation batch (GRPO's mu)
 #   EVAL_PROMPTS     held-out prompts per evaluation; EVAL_SAMPLES answers sampled per held-out prompt
 #   LR, LORA_R, MAX_NEW_TOKENS, TEMPERATURE, SEED: training and sampling settings
@@ -37,7 +37,7 @@ PY ?= python
 ALIGNPIPE ?= $(PY) -m alignpipe
 NAME ?= rl
 RUN ?= runs/$(NAME)
-ITERS ?= 12
+ITERS ?= 8
 PROMPTS ?= pipelines/data/arithmetic.jsonl
 PROMPTS_PER_ITER ?= 16
 NUM_SAMPLES ?= 8
@@ -46,10 +46,10 @@ EVAL_ANNOTATOR ?= $(ANNOTATOR)
 ADVANTAGE ?= grpo
 EQUAL_GROUPS ?= drop
 LOSS ?= grpo
-LR ?= 2e-4
+LR ?= 5e-4
 LORA_R ?= 16
 EPOCHS ?= 1
-BATCH ?= $(shell echo $$(($(PROMPTS_PER_ITER)*$(NUM_SAMPLES))))
+BATCH ?= 16
 MAX_NEW_TOKENS ?= 16
 TEMPERATURE ?= 1.0
 EVAL_PROMPTS ?= 64
@@ -133,7 +133,7 @@ report:
 	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report
 
 demo:
-	$(MAKE) -f pipelines/rl.mk run NAME=demo-rl
+	$(MAKE) -f pipelines/rl.mk run NAME=demo-rl-seed$(SEED)
 
 TINY := runs/tiny-models
 demo-tiny:

@@ -24,14 +24,16 @@ if __name__ == "schemas":  # the old top-level spelling, imported before alignpi
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = "2.0"  # 1.1: response{1,2}_finish_reason; 1.2: the sampled token ids (generations on);
-# 2.0: batches-* carry one `weight` per example instead of response{1,2}_weight (a renamed column: major)
+SCHEMA_VERSION = "2.1"  # 1.1: response{1,2}_finish_reason; 1.2: the sampled token ids (generations on);
+# 2.0: batches-* carry one `weight` per example instead of response{1,2}_weight (a renamed column: major);
+# 2.1: per-token behaviour log-probs (generations on), `reference` in annotations, the batches-group kind
 
 
 @dataclass(frozen=True)
 class Column:
     name: str
-    dtype: str  # string | int32 | int64 | float64 | bool | ids (list of int32) | mask (list of int8) | messages | raw
+    dtype: str  # string | int32 | int64 | float64 | bool | ids (list of int32) | mask (list of int8) | floats (list
+    # of float32) | messages | raw
     doc: str
     nullable: bool = False
 
@@ -58,6 +60,9 @@ def _response(i: int, nullable: bool) -> list[Column]:
         _c(f"{r}_behaviour_logp", "float64", f"Sum of log-probs of response {i} under the policy that sampled it.", True),
         _c(f"{r}_token_ids", "ids", f"Token ids of response {i} exactly as sampled (EOS included when produced); "
            "null when imported. Log-prob passes use them instead of re-encoding the text.", True),
+        _c(f"{r}_token_logps", "floats", f"Log-prob of each token of response{i}_token_ids under the policy that "
+           "sampled it (temperature 1, before top-k/top-p); null when imported. The behaviour policy of a "
+           "token-level importance ratio (policy-gradient losses).", True),
         _c(f"{r}_finish_reason", "string", f"Why sampling of response {i} stopped: eos | length | stop; null when "
            "imported. A 'length' response did not end, so no end token is trained on.", True),
         _c(f"{r}_reward", "float64", f"Combined reward of response {i} (see annotator); null when unscored.", True),
@@ -68,7 +73,9 @@ def _response(i: int, nullable: bool) -> list[Column]:
 _RAW = _c("raw", "raw", "Each annotator's raw output: [{name, score1, score2, preference, preference_12, "
           "preference_21, abstained, reason}].")
 _ANNOTATION = (
-    _PROMPT + [_c("iteration", "int32", "Online iteration that produced the responses (0 for imported data).")]
+    _PROMPT + [_c("reference", "string", "The prompt's reference answer, carried from generate (what verifier "
+                  "annotators compare against); null when the prompts had none.", nullable=True),
+               _c("iteration", "int32", "Online iteration that produced the responses (0 for imported data).")]
     + _response(1, False) + _response(2, True) + [
         _c("preference", "float64", "P(response1 preferred over response2); null for pointwise rows.", True),
         _c("annotator", "string", "Identity of the annotator(s) that produced reward/preference."),
@@ -119,6 +126,8 @@ KINDS: dict[str, tuple[str, list[Column]]] = {
         _c("behaviour_logp", "float64", "Sum of the sampling policy's log-probs of the generated tokens."),
         _c("response_token_ids", "ids", "The generated token ids as sampled (EOS included when produced, not cut at a "
            "stop string); null when imported.", True),
+        _c("response_token_logps", "floats", "Log-prob of each sampled token under the sampling policy (temperature 1, "
+           "before top-k/top-p), one per response_token_ids; null when the engine does not report them.", True),
         _c("policy", "string", "Path of the policy that sampled (model folder or adapter)."),
         _c("policy_fingerprint", "string", "Content hash of the policy's weight files."),
         _c("iteration", "int32", "Online iteration number (from --iteration)."),
@@ -135,6 +144,14 @@ KINDS: dict[str, tuple[str, list[Column]]] = {
     ]),
     "batches-pairwise": ("build-batches --task pairwise", _BATCH_HEAD + _batch_response(1, reward=True, ref=True)
                          + _batch_response(2, reward=True, ref=True)),
+    "batches-group": ("build-batches --task group", _BATCH_HEAD + _batch_response(1, reward=True, ref=False) + [
+        _c("response1_advantage", "float64", "Advantage of response 1 from its group's rewards (--advantage)."),
+        _c("response1_group_size", "int32", "Answers in the group (same prompt and iteration) it was estimated from."),
+        _c("response1_behaviour_logps", "floats", "Per-token log-probs of response1_input_ids under the policy that "
+           "sampled them (from generate), cut with the response when truncated."),
+        _c("response1_ref_logps", "floats", "Per-token reference log-probs of response1_input_ids; null unless "
+           "cached (build-batches --reference).", True),
+    ]),
 }
 
 
@@ -159,6 +176,8 @@ def _feature(dtype: str):
         return List(Value("int32"))
     if dtype == "mask":
         return List(Value("int8"))
+    if dtype == "floats":
+        return List(Value("float32"))
     if dtype == "messages":
         return List({"role": Value("string"), "content": Value("string")})
     if dtype == "raw":
@@ -177,5 +196,5 @@ def features(kind: str):
 
 def type_name(dtype: str) -> str:
     """A human name for a column type, used in error messages and `alignpipe schema`."""
-    return {"ids": "list<int32>", "mask": "list<int8>", "messages": "list<{role: string, content: string}>",
+    return {"ids": "list<int32>", "mask": "list<int8>", "floats": "list<float32>", "messages": "list<{role: string, content: string}>",
             "raw": "list<struct>"}.get(dtype, dtype)

@@ -53,19 +53,19 @@ COMBINATION = ("reward = sum_k w_k*score_k over pointwise annotators (null if on
 # -- pure core --------------------------------------------------------------------------------------------
 def _gen(row: dict, kind: str, i: int = 1) -> dict | None:
     """A response with its prompt fields, from a generations row or side i of an annotations row."""
-    base = {k: row[k] for k in ("prompt_id", "prompt", "messages", "iteration")}
+    base = {k: row[k] for k in ("prompt_id", "prompt", "messages", "iteration")} | {"reference": row.get("reference")}
     if kind == "generations":
         return {**base, "policy": row["policy_fingerprint"], "sample_index": row["sample_index"],
                 "response": row["response"], "num_tokens": row["num_tokens"],
                 "behaviour_logp": row["behaviour_logp"], "label": None, "finish_reason": row["finish_reason"],
-                "token_ids": row.get("response_token_ids")}
+                "token_ids": row.get("response_token_ids"), "token_logps": row.get("response_token_logps")}
     r = f"response{i}"
     if row[r] is None:
         return None
     return {**base, "policy": row["policy"], "sample_index": row[f"{r}_sample_index"], "response": row[r],
             "num_tokens": row[f"{r}_num_tokens"], "behaviour_logp": row[f"{r}_behaviour_logp"],
             "label": row[f"{r}_label"], "finish_reason": row.get(f"{r}_finish_reason"),
-            "token_ids": row.get(f"{r}_token_ids")}
+            "token_ids": row.get(f"{r}_token_ids"), "token_logps": row.get(f"{r}_token_logps")}
 
 
 def _key(g: dict) -> tuple:
@@ -125,10 +125,12 @@ def _side(g: dict | None, i: int, reward) -> dict:
     r = f"response{i}"
     if g is None:
         return {r: None, f"{r}_sample_index": None, f"{r}_num_tokens": None, f"{r}_behaviour_logp": None,
-                f"{r}_reward": None, f"{r}_label": None, f"{r}_finish_reason": None, f"{r}_token_ids": None}
+                f"{r}_reward": None, f"{r}_label": None, f"{r}_finish_reason": None, f"{r}_token_ids": None,
+                f"{r}_token_logps": None}
     return {r: g["response"], f"{r}_sample_index": g["sample_index"], f"{r}_num_tokens": g["num_tokens"],
             f"{r}_behaviour_logp": g["behaviour_logp"], f"{r}_reward": reward, f"{r}_label": g["label"],
-            f"{r}_finish_reason": g["finish_reason"], f"{r}_token_ids": g["token_ids"]}
+            f"{r}_finish_reason": g["finish_reason"], f"{r}_token_ids": g["token_ids"],
+            f"{r}_token_logps": g["token_logps"]}
 
 
 def annotate(ds, kind: str, annotators: list, weights: list[float], pairing: str, seed: int = 0,
@@ -165,7 +167,8 @@ def _score_all(gens: list[dict], annotators: list, where: dict) -> list[dict]:
     unique = {}
     for g in gens:
         unique.setdefault(_key(g), g)
-    queries = [Query(g["prompt"], g["messages"], g["response"], where=where[k]) for k, g in unique.items()]
+    queries = [Query(g["prompt"], g["messages"], g["response"], where=where[k], reference=g["reference"])
+               for k, g in unique.items()]
     return [dict(zip(unique, a.score(queries) if queries else [])) for a in annotators]
 
 
@@ -194,7 +197,7 @@ def _rows(units, annotators, weights, scores, pair_verdicts, rewards) -> list[di
                 s = next(si)
                 raw.append(_raw(a.name, s[_key(g1)], s[_key(g2)] if g2 else None, None))
         pref = combined_preference(pv, pair_weights, r1, r2) if g2 else None
-        out.append({**{k: g1[k] for k in ("prompt_id", "prompt", "messages", "iteration", "policy")},
+        out.append({**{k: g1[k] for k in ("prompt_id", "prompt", "messages", "iteration", "policy", "reference")},
                     **_side(g1, 1, r1), **_side(g2, 2, r2), "preference": pref, "annotator": name, "raw": raw,
                     "pairing": pairing})
     return out
@@ -286,8 +289,35 @@ def _summary(out, annotators, groups_count: int, pairing: str) -> dict:
                 if r["reason"] and r["reason"] not in reasons[r["name"]] and len(reasons[r["name"]]) < 5:
                     reasons[r["name"]].append(r["reason"])
     prompts = len(set(out["prompt_id"]))
-    return {"rows": len(out), "prompts": groups_count, "prompts_without_rows": groups_count - prompts,
-            "pairing": pairing, "abstentions": abstained, "abstention_reasons": reasons}
+    report = {"rows": len(out), "prompts": groups_count, "prompts_without_rows": groups_count - prompts,
+              "pairing": pairing, "abstentions": abstained, "abstention_reasons": reasons}
+    return {**report, **_verifier_summary(out, annotators)}
+
+
+def _verifier_summary(out, annotators) -> dict:
+    """Verifiers: answers with nothing parseable (`unparsed`, per verifier) and, for one verifier alone, the
+    fraction of answers it found correct (`accuracy`)."""
+    from alignpipe.annotators.verifiers import NO_ANSWER
+
+    verifiers = [a for a in annotators if a.describe().get("verifier")]
+    if not verifiers:
+        return {}
+    unparsed = {a.name: 0 for a in verifiers}
+    correct, scored = 0, 0
+    for raw in out["raw"]:
+        for r in raw:
+            if r["name"] in unparsed:
+                for score, side in ((r["score1"], 1), (r["score2"], 2)):
+                    if score is None:
+                        continue
+                    unparsed[r["name"]] += NO_ANSWER in (r["reason"] or "") and side == 1
+                    if len(annotators) == 1:
+                        scored += 1
+                        correct += score == verifiers[0].correct
+    out_ = {"unparsed": unparsed}
+    if len(annotators) == 1 and scored:
+        out_["accuracy"] = correct / scored
+    return out_
 
 
 @handle_errors

@@ -36,6 +36,7 @@ from alignpipe.cli_common import (
     up_to_date_line,
 )
 from alignpipe.errors import UserError
+from alignpipe.advantages import ADVANTAGES, EQUAL_GROUPS
 from alignpipe.pairing import PAIRINGS
 from alignpipe.tasks import TASKS
 
@@ -54,6 +55,8 @@ class BatchOptions:
     num_examples: int | None = None  # total when mixing (default: the most that needs no repeats)
     pairs: str = "best-worst"
     threshold: str = "median"
+    advantage: str = "grpo"  # group task: advantage estimator spec
+    equal_groups: str = "drop"  # group task: drop | keep groups whose rewards are all equal
 
 
 # ------------------------------------------------------------------------------------------- pure core
@@ -83,7 +86,8 @@ def build_batches(inputs: list[tuple], tokenizer, task: str, opts: BatchOptions)
 
     spec = tasks.task(task)
     batching.check_lengths(opts.max_length, opts.max_prompt_length)
-    topts = tasks.TaskOptions(pairs=opts.pairs, threshold=opts.threshold, seed=opts.seed)
+    topts = tasks.TaskOptions(pairs=opts.pairs, threshold=opts.threshold, seed=opts.seed, advantage=opts.advantage,
+                              equal_groups=opts.equal_groups)
     parts, report = [], {"task": task, "inputs": []}
     for ds, kind, where in inputs:
         examples, counts = tasks.make_examples(ds, kind, spec, where, topts)
@@ -101,6 +105,10 @@ def build_batches(inputs: list[tuple], tokenizer, task: str, opts: BatchOptions)
     batching.tokenise(examples, tokenizer, num_responses=spec.num_responses, max_length=opts.max_length,
                       max_prompt_length=opts.max_prompt_length, use_chat_template=opts.use_chat_template,
                       counts=counts)
+    if spec.kind == "batches-group":
+        from alignpipe.group_task import trim_to_ids
+
+        trim_to_ids(examples)
     lengths = [batching.sequence_lengths(ex, spec.num_responses) for ex in examples]
     batches = batching.make_batches(lengths, batch_size=opts.batch_size, max_tokens=opts.max_tokens_per_batch,
                                     group_by_length=opts.group_by_length, group_size=opts.group_size,
@@ -141,6 +149,17 @@ def reference_logps(part, model, *, whole, start: int, groups, task: str, pad_id
         col = f"response{k}_ref_logp"
         part = part.remove_columns(col).add_column(col, values[k], feature=Value("float64"))
     return part
+
+
+def group_reference_logps(part, model, *, pad_id: int, device):
+    """`part` of a batches-group dataset with `response1_ref_logps`: per-token reference log-probs."""
+    from alignpipe import schemas
+    from alignpipe.token_logps import reference_token_logps
+
+    values = reference_token_logps(model, list(part["prompt_input_ids"]), list(part["response1_input_ids"]),
+                                   pad_id, device=device)
+    feature = schemas.features("batches-group")["response1_ref_logps"]
+    return part.remove_columns("response1_ref_logps").add_column("response1_ref_logps", values, feature=feature)
 
 
 # --------------------------------------------------------------------------------------------- command
@@ -194,6 +213,10 @@ def command(
     pairs: Annotated[str, typer.Option(help=_PAIRS_HELP)] = "best-worst",
     threshold: Annotated[str, typer.Option(help="pointwise: reward above = desirable: median | mean | VALUE.")]
     = "median",
+    advantage: Annotated[str, typer.Option(help="group: advantage estimator NAME[,key=value...]: "
+                                                + " | ".join(ADVANTAGES) + ".")] = "grpo",
+    equal_groups: Annotated[str, typer.Option(help="group: groups whose answers all got the same reward: drop "
+                                                   "(counted; DAPO dynamic sampling) | keep.")] = "drop",
     reference: Annotated[Path | None, typer.Option(help="Reference model (folder or adapter): cache its "
                                                            "log-probs (pointwise, pairwise).")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of Hub id "
@@ -209,7 +232,7 @@ def command(
     opts = _options(batch_size, max_tokens_per_batch, mix, len(inputs), max_length=max_length,
                     max_prompt_length=max_prompt_length, group_by_length=group_by_length, group_size=group_size,
                     seed=seed, use_chat_template=not no_chat_template, num_examples=num_examples, pairs=pairs,
-                    threshold=threshold)
+                    threshold=threshold, advantage=advantage, equal_groups=equal_groups)
     tokenizer, reference = (_hub(m, revision) for m in (tokenizer, reference))
     say(run(inputs, out, task=task, opts=opts, tokenizer=tokenizer, chat_template=chat_template,
             reference=reference, dtype=dtype, device=device, shard_size=shard_size,
@@ -236,8 +259,12 @@ def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokeniz
     spec = tasks.task(task)
     PAIRINGS.parse(opts.pairs, flag="--pairs")
     tasks.parse_threshold(opts.threshold)
-    if reference is not None and spec.kind not in ("batches-pointwise", "batches-pairwise"):
-        raise UserError(f"--reference: {spec.kind} has no reference log-prob columns (pointwise, pairwise have)")
+    ADVANTAGES.parse(opts.advantage)
+    if opts.equal_groups not in EQUAL_GROUPS:
+        raise UserError(f"--equal-groups '{opts.equal_groups}': choose from {', '.join(EQUAL_GROUPS)}")
+    if reference is not None and spec.kind not in ("batches-pointwise", "batches-pairwise", "batches-group"):
+        raise UserError(f"--reference: {spec.kind} has no reference log-prob columns (pointwise, pairwise, group "
+                        "have)")
     if tokenizer is None and reference is None:
         raise UserError("--tokenizer MODEL is needed (or --reference MODEL, whose tokenizer is then used)")
     data = [(*read_input(p, spec.input_kinds, stage="build-batches"), str(p)) for p in inputs]
@@ -262,6 +289,8 @@ def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokeniz
             so.report["reference_numerics"] = logprobs.reference_numerics(dtype, dev, logprobs.use_shared_prompt(model))
 
             def shard(part, index):
+                if spec.kind == "batches-group":
+                    return group_reference_logps(part, model, pad_id=tok.pad_token_id, device=dev)
                 return reference_logps(part, model, whole=whole, start=index * shard_size, groups=groups,
                                        task=spec.kind.removeprefix("batches-"), pad_id=tok.pad_token_id,
                                        dtype=dtype, device=dev)

@@ -89,7 +89,8 @@ def sample_part(part, sampler, *, batch_size: int, seed: int, first_row: int, me
     n = len(samples) // len(part)
     cols = {c: part[c] for c in ("prompt_id", "prompt", "messages", "reference")}
     rows = [{**{c: v[k // n] for c, v in cols.items()}, "sample_index": k % n, "response": s.text,
-             "num_tokens": len(s.token_ids), "finish_reason": s.finish_reason, "behaviour_logp": s.logp, "response_token_ids": s.token_ids, **meta}
+             "num_tokens": len(s.token_ids), "finish_reason": s.finish_reason, "behaviour_logp": s.logp, "response_token_ids": s.token_ids,
+             "response_token_logps": s.token_logps or None, **meta}
             for k, s in enumerate(samples)]
     return Dataset.from_list(rows, features=features)
 

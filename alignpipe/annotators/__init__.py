@@ -42,6 +42,7 @@ class Query:
     response: str
     response2: str | None = None
     where: str = ""  # the row, for error messages
+    reference: str | None = None  # the prompt's reference answer (verifiers compare against it)
 
 
 @dataclass
@@ -108,7 +109,21 @@ ANNOTATORS.add("regex", doc="1 if the pattern occurs in the response, else 0", a
                factory="rules:build_regex", pairwise=False, model_arg=False)
 ANNOTATORS.add("vader", doc="VADER sentiment compound score in [-1, 1]", params={}, factory="rules:build_vader",
                pairwise=False, model_arg=False)
-ANNOTATORS.add("function", doc="your fn(prompt, response) -> float | None (None = abstain)", arg="target",
+_CORRECT = Param(1.0, float, "reward of a correct answer")
+_WRONG = Param(0.0, float, "reward of a wrong one (an answer with nothing parseable gets min(correct, wrong))")
+ANNOTATORS.add("exact-answer", doc="verifier: the final answer of the response vs the prompt's reference "
+               "(numbers within a tolerance, else normalised strings)",
+               params={"extract": Param("last-number", str, "how the final answer is found: last-number | "
+                                        "first-number | boxed | regex"),
+                       "pattern": Param(None, str, "extract=regex: the regular expression (group 1 = the answer)",
+                                        nullable=True),
+                       "tolerance": Param(1e-6, float, "numbers match when |a - r| <= tolerance * max(1, |r|)"),
+                       "correct": _CORRECT, "wrong": _WRONG},
+               factory="verifiers:build_exact_answer", pairwise=False, model_arg=False)
+ANNOTATORS.add("math-verify", doc="verifier: symbolic equivalence with the reference by Hugging Face's math-verify "
+               "(optional extra: pip install 'alignpipe[math]')", params={"correct": _CORRECT, "wrong": _WRONG},
+               factory="verifiers:build_math_verify", pairwise=False, model_arg=False)
+ANNOTATORS.add("function", doc="your fn(prompt, response[, reference]) -> float | None (None = abstain)", arg="target",
                metavar="MODULE:FN", free_arg=True,
                params={"target": Param(REQUIRED, str, "the function, as pkg.module:fn")},
                factory="rules:build_function", pairwise=False, model_arg=False)

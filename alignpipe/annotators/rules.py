@@ -16,8 +16,9 @@ class Rule:
 
     pairwise = False
 
-    def __init__(self, name: str, fn, about: dict | None = None):
+    def __init__(self, name: str, fn, about: dict | None = None, with_reference: bool = False):
         self.name, self.fn, self.about, self.inputs = name, fn, about or {}, []
+        self.with_reference = with_reference  # fn(prompt, response, reference)
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": "pointwise", **self.about}
@@ -27,7 +28,7 @@ class Rule:
 
     def _one(self, q: Query) -> Verdict:
         try:
-            value = self.fn(q.prompt, q.response)
+            value = self.fn(q.prompt, q.response, q.reference) if self.with_reference else self.fn(q.prompt, q.response)
         except Exception as e:  # noqa: BLE001 - user code: any failure becomes a one-line error
             raise UserError(f"{q.where}: annotator {self.name} raised {type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160] if str(e) else ''}")
@@ -75,4 +76,16 @@ def build_vader(spec, runtime) -> Rule:
 def build_function(spec, runtime) -> Rule:
     fn = load_function(spec.arg, f"--annotator '{spec.text}'")
     module_file = getattr(sys.modules.get(getattr(fn, "__module__", "")), "__file__", None)
-    return Rule(spec.identity(), fn, {"function": spec.arg, "module_file": module_file})
+    return Rule(spec.identity(), fn, {"function": spec.arg, "module_file": module_file}, _takes_reference(fn))
+
+
+def _takes_reference(fn) -> bool:
+    """Whether a user function takes the reference: three positional parameters (or *args)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)

@@ -2,8 +2,8 @@
 
     exact-answer[,extract=last-number|first-number|boxed|regex][,pattern=RE][,tolerance=1e-6]
     math-verify                     (Hugging Face's `math-verify` package: symbolic equivalence; optional extra)
-    function:MODULE:FN              fn(prompt, response, reference) -> float | None  (the reference when the
-                                    function takes three parameters; see rules.build_function)
+    function:MODULE:FN              fn(prompt, response, reference) -> float | None  (the reference is passed
+                                    when the function takes three parameters; see rules.build_function)
 
 Reward: `correct` (1) when the answer matches, `wrong` (0) otherwise. An answer with nothing parseable gets the
 lowest reward, min(correct, wrong), and the verdict's reason says so: `alignpipe annotate` counts those rows in
@@ -89,7 +89,8 @@ class Verifier:
         self.correct, self.wrong = correct, wrong
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": "pointwise", "correct": self.correct, "wrong": self.wrong, **self.about}
+        return {"name": self.name, "kind": "pointwise", "verifier": True, "correct": self.correct,
+                "wrong": self.wrong, **self.about}
 
     def score(self, queries) -> list[Verdict]:
         return [self.one(q.response, getattr(q, "reference", None), q.where) for q in queries]
@@ -137,3 +138,16 @@ def math_verify(**kw) -> Verifier:
         return bool(verify(gold, answer))
 
     return Verifier("math-verify", check, {"package": "math-verify"}, **kw)
+
+
+def build_exact_answer(spec, runtime) -> Verifier:
+    o = spec.options
+    v = exact_answer(o["extract"], o["pattern"], o["tolerance"], correct=o["correct"], wrong=o["wrong"])
+    v.name = spec.identity()
+    return v
+
+
+def build_math_verify(spec, runtime) -> Verifier:
+    v = math_verify(correct=spec.options["correct"], wrong=spec.options["wrong"])
+    v.name = spec.identity()
+    return v
