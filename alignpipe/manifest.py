@@ -63,6 +63,11 @@ def fingerprint(path: Path) -> str:
     m = read_manifest(path)
     if m and m.get("fingerprint"):
         return m["fingerprint"]
+    from alignpipe.models import hub_commit  # a Hub id (org/name[@rev]) or a snapshot folder: its commit
+
+    commit = hub_commit(path)
+    if commit:
+        return commit
     p = Path(path)
     if p.is_file():
         return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
