@@ -17,8 +17,9 @@ No refilling of finished slots (the dynamic path's continuous batching): on CUDA
 that more rows in flight pay for the idle ones; on the CPU, where idle rows cost their full arithmetic, the
 dynamic path is faster.
 
-CUDA graphs (`cuda_graphs=True`) are used only on a CUDA device and are off by default: that path has not
-yet run on a GPU here (tests/test_static_decode.py has a `gpu` test for it).
+The CUDA-graph capture itself is not here yet: no CUDA-only code path lands before it has run on a GPU. The
+fixed-shape step (`_step`) is what it will wrap; `make bench-gpu` measures this path against the dynamic one
+and transformers' generate, and tests/test_static_decode.py has a `gpu` test of it on CUDA.
 """
 from __future__ import annotations
 
@@ -35,17 +36,12 @@ def supports_static(model) -> bool:
 class StaticSampler(Sampler):
     """A Sampler decoding with a preallocated KV cache of fixed shape and a fixed-shape decode step."""
 
-    def __init__(self, model, tokenizer, params, eos_ids=None, *, cuda_graphs: bool = False):
+    def __init__(self, model, tokenizer, params, eos_ids=None):
         super().__init__(model, tokenizer, params, eos_ids)
         if not supports_static(model):
             raise ValueError("the static KV cache needs a model with SDPA attention")
-        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self.cache = self._mask = None
         self._step_fn = self._step
-        if self.cuda_graphs:
-            import torch
-
-            self._step_fn = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
 
     # -- the fixed-shape buffers -------------------------------------------------------------------------
     def _allocate(self, rows: int, prompt_width: int, dtype):
@@ -134,7 +130,7 @@ class StaticSampler(Sampler):
             pos = pos + 1
 
 
-def static_sampler_or_none(model, tokenizer, params, eos_ids=None, *, kv_cache: str = "auto", cuda_graphs=False):
+def static_sampler_or_none(model, tokenizer, params, eos_ids=None, *, kv_cache: str = "auto"):
     """The sampler for `--kv-cache static|dynamic|auto` (auto: static on CUDA for SDPA models, else dynamic):
     a StaticSampler, or None for the dynamic `Sampler`."""
     device = next(model.parameters()).device
@@ -142,4 +138,4 @@ def static_sampler_or_none(model, tokenizer, params, eos_ids=None, *, kv_cache: 
         raise ValueError(f"--kv-cache '{kv_cache}': unknown (known: auto, static, dynamic)")
     if kv_cache == "dynamic" or (kv_cache == "auto" and (device.type != "cuda" or not supports_static(model))):
         return None
-    return StaticSampler(model, tokenizer, params, eos_ids, cuda_graphs=cuda_graphs)
+    return StaticSampler(model, tokenizer, params, eos_ids)

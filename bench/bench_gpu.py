@@ -216,8 +216,7 @@ def generate_worker(a) -> dict:
                for p in common.prompts(a.batch_size)]
     params = SamplingParams(num_samples=2, max_new_tokens=a.steps)
     eos = eos_token_ids(tok, model.generation_config)
-    graphs = a.device.startswith("cuda") and a.cuda_graphs
-    sides = {"dynamic": Sampler(model, tok, params), "static": StaticSampler(model, tok, params, cuda_graphs=graphs)}
+    sides = {"dynamic": Sampler(model, tok, params), "static": StaticSampler(model, tok, params)}
 
     def ours(name):
         return lambda seed: sum(len(s.token_ids) for s in sides[name].sample(prompts, seed=seed))
@@ -235,7 +234,7 @@ def generate_worker(a) -> dict:
 
     runs = {"dynamic": ours("dynamic"), "static": ours("static"), "transformers": theirs}
     rates: dict = {k: [] for k in runs}
-    for rep in range(a.repeats + 1):  # the first round warms up (and captures the CUDA graphs)
+    for rep in range(a.repeats + 1):  # the first round warms up
         for name, fn in runs.items():
             sync(a.device)
             start = time.perf_counter()
@@ -243,7 +242,7 @@ def generate_worker(a) -> dict:
             sync(a.device)
             if rep:
                 rates[name].append(tokens / (time.perf_counter() - start))
-    return {"side": "generate", "tok/s": {k: common.spread(v, 1) for k, v in rates.items()}, "cuda_graphs": graphs,
+    return {"side": "generate", "tok/s": {k: common.spread(v, 1) for k, v in rates.items()},
             "prompts": len(prompts), "in_flight": 2 * len(prompts), "dtype": dtype,
             "profile": _profile_decode(sides["dynamic"], prompts, a.device)}
 
@@ -316,8 +315,7 @@ def run_shape(shape: str, config: dict, a, sizes: dict, tok: Path, work: Path, p
                     "tokens/step": round(ours["tokens/s"] / ours["pairs/s"] * sizes["batch_size"])})
     gen = common.worker("bench_gpu.py", ["--side", "generate", "--policy", str(model), "--batch-size",
                                          str(sizes["gen_batch"]), "--steps", str(sizes["new_tokens"]), "--device",
-                                         a.device, "--dtype", a.dtype, "--repeats", str(a.repeats)]
-                        + (["--cuda-graphs"] if a.cuda_graphs else []), a.threads)
+                                         a.device, "--dtype", a.dtype, "--repeats", str(a.repeats)], a.threads)
     out.append({"bench": "gpu-generate", "shape": shape, **gen})
     return out
 
@@ -356,7 +354,6 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="bfloat16 | float32 [default: bfloat16; --tiny: float32]")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None, help="timed sampling rounds [default: 2; --tiny: 1]")
-    p.add_argument("--cuda-graphs", action="store_true", help="static cache decode step as a CUDA graph")
     p.add_argument("--train-batch", type=int, default=None, help="pairs a training step [default: 8; 1.7b: 64]")
     p.add_argument("--out", default=None, help="results file [default: bench/results/gpu-<shapes>.jsonl]")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
