@@ -166,7 +166,7 @@ def prompt(i: int = 0, **kw) -> dict:
 def generation(i: int, j: int, response: str, **kw) -> dict:
     return {**prompt(i), "sample_index": j, "response": response, "num_tokens": len(response.split()) + 1,
             "finish_reason": "eos", "behaviour_logp": -1.0 - j, "policy": "pol", "policy_fingerprint": "fp",
-            "iteration": 0, "response_token_ids": None, **kw}
+            "iteration": 0, "response_token_ids": None, "response_token_logps": None, **kw}
 
 
 def pair(i: int = 0, **kw) -> dict:
@@ -176,7 +176,8 @@ def pair(i: int = 0, **kw) -> dict:
             "response1_behaviour_logp": -3.0, "response1_reward": 1.0,
             "response2": "Bad.", "response2_sample_index": 1, "response2_num_tokens": 2,
             "response2_behaviour_logp": -2.0, "response2_reward": 0.0, "preference": 0.8, "annotator": "test",
-            "raw": [], "pairing": "all", "policy": "", "response1_token_ids": None, "response2_token_ids": None, **kw}
+            "raw": [], "pairing": "all", "policy": "", "response1_token_ids": None, "response2_token_ids": None,
+            "response1_token_logps": None, "response2_token_logps": None, "reference": None, **kw}
 
 
 def weighted(i: int = 0, **kw) -> dict:

@@ -37,7 +37,7 @@ def write_generations(path, responses=RESPONSES, extra_rows=()):
 
     rows = [{"prompt_id": pid, "prompt": f"Question {pid}?", "messages": [], "reference": None,
              "sample_index": j, "response": r, "num_tokens": len(r.split()), "finish_reason": "eos",
-             "behaviour_logp": -1.5 * (j + 1), "policy": "tiny-policy", "policy_fingerprint": "fp-tiny", "response_token_ids": None,
+             "behaviour_logp": -1.5 * (j + 1), "policy": "tiny-policy", "policy_fingerprint": "fp-tiny", "response_token_ids": None, "response_token_logps": None,
              "iteration": 2} for pid, rs in responses.items() for j, r in enumerate(rs)] + list(extra_rows)
     with StageOutput(path, stage="generate", kind="generations", config={}, inputs=[]) as so:
         so.finish(Dataset.from_list(rows, features=schemas.features("generations")))

@@ -71,9 +71,9 @@ def ann(pid, r1, r2=None, *, s1=0, s2=1, reward1=None, reward2=None, label=None,
     row = {"prompt_id": pid, "prompt": prompt if prompt is not None else f"prompt {pid}", "messages": [],
            "iteration": 0, "response1": r1, "response1_sample_index": s1, "response1_num_tokens": 0,
            "response1_behaviour_logp": None, "response1_reward": reward1, "response1_label": label,
-           "response1_finish_reason": None, "response1_token_ids": None, "response2": r2, "response2_sample_index": s2 if pair else None, "response2_num_tokens": 0 if pair else None,
+           "response1_finish_reason": None, "response1_token_ids": None, "response1_token_logps": None, "response2": r2, "response2_sample_index": s2 if pair else None, "response2_num_tokens": 0 if pair else None,
            "response2_behaviour_logp": None, "response2_reward": reward2, "response2_label": None,
-           "response2_finish_reason": None, "response2_token_ids": None, "preference": preference, "annotator": "test", "raw": [], "pairing": "imported", "policy": ""}
+           "response2_finish_reason": None, "response2_token_ids": None, "response2_token_logps": None, "reference": None, "preference": preference, "annotator": "test", "raw": [], "pairing": "imported", "policy": ""}
     if w1 is not None:
         row.update(response1_weight=w1, response2_weight=w2)
     return row
@@ -334,7 +334,8 @@ def test_weights_and_prompts_input_details(data, tmp_path, tiny_tokenizer_dir):
 
 def test_sft_from_generations(tmp_path, tiny_tokenizer_dir, tok):
     gen = {"prompt_id": "p", "prompt": "Hi", "messages": [], "reference": None, "num_tokens": 3,
-           "behaviour_logp": -1.0, "policy": "pol", "policy_fingerprint": "f", "iteration": 2, "response_token_ids": None}
+           "behaviour_logp": -1.0, "policy": "pol", "policy_fingerprint": "f", "iteration": 2, "response_token_ids": None,
+           "response_token_logps": None}
     rows = [{**gen, "sample_index": 0, "response": "Hello there", "finish_reason": "eos"},
             {**gen, "sample_index": 1, "response": "Hello the", "finish_reason": "length"}]
     src = write_kind(tmp_path / "gens", "generations", rows)
@@ -491,7 +492,7 @@ def test_empty_responses_are_dropped_and_counted(tmp_path, tiny_tokenizer_dir):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--task", "dpo"], "--task 'dpo': unknown (known: sft, reward, pointwise, pairwise)"),
+    (["--task", "dpo"], "--task 'dpo': unknown (known: sft, reward, pointwise, pairwise, group)"),
     (["--task", "sft", "--reference", "REF"], "--reference: batches-sft has no reference log-prob columns"),
     (["--pairs", "margin:-1"], "--pairs 'margin:-1': at_least must be >= 0, e.g. margin:0.5"),
     (["--pairs", "margin:x"], "--pairs 'margin:x': at_least: expected a number, found 'x'"),

@@ -45,10 +45,10 @@ def pair(**kw) -> dict:
     row = {"prompt_id": "p0", "prompt": "Say hi", "messages": [], "iteration": 0,
            "response1": "hello", "response1_sample_index": 0, "response1_num_tokens": 3,
            "response1_behaviour_logp": -2.0, "response1_reward": 1.0, "response1_label": None,
-           "response1_finish_reason": "eos", "response1_token_ids": None,
+           "response1_finish_reason": "eos", "response1_token_ids": None, "response1_token_logps": None,
            "response2": "bye", "response2_sample_index": 1, "response2_num_tokens": 1,
            "response2_behaviour_logp": -1.0, "response2_reward": 0.0, "response2_label": None,
-           "response2_finish_reason": "eos", "response2_token_ids": None, "preference": 0.8, "annotator": "test", "raw": [vote(0.9), vote(0.3)], "pairing": "all", "policy": "abc"}
+           "response2_finish_reason": "eos", "response2_token_ids": None, "response2_token_logps": None, "reference": None, "preference": 0.8, "annotator": "test", "raw": [vote(0.9), vote(0.3)], "pairing": "all", "policy": "abc"}
     return {**row, **kw}
 
 
