@@ -56,6 +56,10 @@ def make_batches(task: str, examples: list[dict], tokenizer_dir, batch_size: int
                 row.update({f"response{r}": ex[f"response{r}"], f"response{r}_input_ids": ids,
                             f"response{r}_attention_mask": [1] * len(ids), f"response{r}_reward": None,
                             f"response{r}_ref_logp": None})
+        if task == "group":  # an answer of a group: its advantage and the behaviour policy's per-token log-probs
+            n = len(row["response1_input_ids"])
+            row.update({"response1_advantage": ex["advantage"], "response1_group_size": 2,
+                        "response1_behaviour_logps": [ex.get("behaviour", -5.0)] * n})
         ws = [float(ex.get(f"w{r}", 1.0)) for r in (1, 2) if f"response{r}" in ex]
         row["weight"] = sum(ws) / len(ws)  # one weight per example: a pair's is the mean of both
         rows.append(row)
@@ -99,6 +103,9 @@ def task_examples(task: str, n: int) -> list[dict]:
                  "label": bool(i % 2)} for i, e in enumerate(ex)]
     if task == "reward":
         return [{**e, "margin": 0.5 * i} for i, e in enumerate(ex)]
+    if task == "group":
+        return [{"prompt": e["prompt"], "response1": e["response2"], "advantage": 1.0 if i % 2 else -0.5}
+                for i, e in enumerate(ex)]
     return ex
 
 
