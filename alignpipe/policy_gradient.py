@@ -166,7 +166,7 @@ def dapo_loss(x: TokenInputs, *, eps_low: float = 0.2, eps_high: float = 0.28, k
         size = float(mean_tokens)
     else:
         w = x.weight.to(s.dtype)
-        size = (w * s).sum() / w.sum().clamp_min(1e-30)
+        size = ((w * s).sum() / w.sum().clamp_min(1e-30)).clamp_min(1e-30)  # all weights 0: S = 0
     return _result(u, s, x, m, size)
 
 

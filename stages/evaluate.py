@@ -52,9 +52,11 @@ def match_pairs(candidate, baseline):
                          f"response{i}_num_tokens": g["num_tokens"], f"response{i}_behaviour_logp": g["behaviour_logp"],
                          f"response{i}_reward": None, f"response{i}_label": None,
                          f"response{i}_finish_reason": g["finish_reason"],
-                         f"response{i}_token_ids": g.get("response_token_ids")})
+                         f"response{i}_token_ids": g.get("response_token_ids"),
+                         f"response{i}_token_logps": g.get("response_token_logps")})
         rows.append({"prompt_id": f"{c['prompt_id']}#{c['sample_index']}", "prompt": c["prompt"],
-                     "messages": c["messages"], "iteration": c["iteration"], **side, "preference": None,
+                     "messages": c["messages"], "reference": c.get("reference"), "iteration": c["iteration"], **side,
+                     "preference": None,
                      "annotator": "", "raw": [], "pairing": "evaluate", "policy": c["policy_fingerprint"]})
     if not rows:
         return None

@@ -146,7 +146,30 @@ def rand_fields(B=16, seed=0):
         "ref_logp2": logp2 + torch.randn(B, generator=g, dtype=D),
         "weight": u(0.2, 2.0), "label": torch.rand(B, generator=g) < 0.5, "margin": u(0.0, 1.0),
         "kl_logp": -u(5.0, 20.0), "ref_kl_logp": -u(5.0, 20.0),
+        # the group task (token-level policy-gradient losses): per-token log-probs of answers of 1..6 tokens,
+        # behaviour log-probs 0.3 nats around them (some ratios outside the clip band), advantages
+        "tok_logp": -3 * torch.rand(B, 6, generator=g, dtype=D),
+        "tok_shift": 0.3 * torch.randn(B, 6, generator=g, dtype=D),
+        "tok_mask": (torch.arange(6)[None] < torch.randint(1, 7, (B, 1), generator=g)).to(D),
+        "advantage": torch.randn(B, generator=g, dtype=D),
     }
+
+
+_LOSS_FIELDS = set(LossInputs.__dataclass_fields__)
+
+
+def _pointwise_inputs(fields):
+    return LossInputs(**{k: v for k, v in fields.items() if k in _LOSS_FIELDS})
+
+
+def loss_inputs(name, fields):
+    """LossInputs, or TokenInputs for the group task, from rand_fields-style fields."""
+    from alignpipe.policy_gradient import TokenInputs
+
+    if LOSSES[name].task == "group":
+        return TokenInputs(logp=fields["tok_logp"], behaviour_logp=fields["tok_logp"].detach() + fields["tok_shift"],
+                           mask=fields["tok_mask"], advantage=fields["advantage"], weight=fields["weight"])
+    return LossInputs(**{k: v for k, v in fields.items() if k in _LOSS_FIELDS})
 
 
 def py(t):  # tensors -> python lists, for the independent per-element re-implementations
@@ -166,7 +189,7 @@ def test_dpo_matches_paper_formula():
     p, beta = py(t), 0.3
     per = [-math.log(sig(beta * ((p["logp1"][i] - p["ref_logp1"][i]) - (p["logp2"][i] - p["ref_logp2"][i]))))
            for i in range(16)]
-    assert close(compute_loss("dpo", LossInputs(**t), beta=beta)[0], wsum(per, p["weight"]), 1e-6)
+    assert close(compute_loss("dpo", _pointwise_inputs(t), beta=beta)[0], wsum(per, p["weight"]), 1e-6)
 
 
 @pytest.mark.parametrize("length_normalize", [False, True])
@@ -176,7 +199,7 @@ def test_ipo_matches_paper_formula(length_normalize):
     n1, n2 = (p["len1"], p["len2"]) if length_normalize else ([1.0] * 16, [1.0] * 16)
     per = [((p["logp1"][i] - p["ref_logp1"][i]) / n1[i] - (p["logp2"][i] - p["ref_logp2"][i]) / n2[i]
             - 1 / (2 * tau)) ** 2 for i in range(16)]
-    loss, _ = compute_loss("ipo", LossInputs(**t), tau=tau, length_normalize=length_normalize)
+    loss, _ = compute_loss("ipo", _pointwise_inputs(t), tau=tau, length_normalize=length_normalize)
     assert close(loss, wsum(per, p["weight"]), 1e-6)
 
 
@@ -196,7 +219,7 @@ def test_kto_matches_paper_formula(with_kl):
     per = [lam_d * (1 - sig(beta * (r[i] - z0))) if p["label"][i] else lam_u * (1 - sig(beta * (z0 - r[i])))
            for i in range(16)]
     hp = {"beta": beta, "desirable_weight": lam_d, "undesirable_weight": lam_u}
-    loss, m = compute_loss("kto", LossInputs(**dict(t, logp1=t["logp1"].requires_grad_())), **hp)
+    loss, m = compute_loss("kto", _pointwise_inputs(dict(t, logp1=t["logp1"].requires_grad_())), **hp)
     assert close(loss, wsum(per, p["weight"]), 1e-6) and close(m["kl"], z0, 1e-6)
     # z0 is a detached constant: d l_i / d r_i = -lambda_D beta s(1-s) or +lambda_U beta s(1-s)
     s = [sig(beta * (r[i] - z0) if p["label"][i] else beta * (z0 - r[i])) for i in range(16)]
@@ -211,13 +234,13 @@ def test_simpo_matches_paper_formula():
     p, beta, gamma = py(t), 2.5, 1.4
     per = [-math.log(sig(beta / p["len1"][i] * p["logp1"][i] - beta / p["len2"][i] * p["logp2"][i] - gamma))
            for i in range(16)]
-    loss, _ = compute_loss("simpo", LossInputs(**t), beta=beta, gamma=gamma)
+    loss, _ = compute_loss("simpo", _pointwise_inputs(t), beta=beta, gamma=gamma)
     assert close(loss, wsum(per, p["weight"]), 1e-6)
 
 
 @pytest.mark.parametrize("name", ["cdpo", "robust-dpo"])
 def test_label_smoothing_zero_is_dpo(name):
-    x = LossInputs(**rand_fields(seed=5))
+    x = _pointwise_inputs(rand_fields(seed=5))
     loss, m = compute_loss(name, x, beta=0.2, label_smoothing=0.0)
     ref, m_ref = compute_loss("dpo", x, beta=0.2)
     assert torch.allclose(loss, ref, atol=1e-12, rtol=0)
@@ -233,22 +256,22 @@ REQUIRED_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margi
 
 def run(name, t, idx=None, weight=None, **hp):
     """Loss and d loss / d (logp1, logp2) of the B base rows; rows are picked by `idx` (may repeat/omit)."""
-    leaves = {k: t[k].clone().requires_grad_() for k in ("logp1", "logp2")}
+    leaves = {k: t[k].clone().requires_grad_() for k in ("logp1", "logp2", "tok_logp")}
     idx = torch.arange(len(t["weight"])) if idx is None else idx
     fields = {k: leaves.get(k, v)[idx] for k, v in t.items()}
     if weight is not None:
         fields["weight"] = weight
-    loss, metrics = compute_loss(name, LossInputs(**fields), **hp)
+    loss, metrics = compute_loss(name, loss_inputs(name, fields), **hp)
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    grads = [torch.zeros_like(t["logp1"]) if g is None else g for g in grads]
-    return loss.detach(), torch.cat(grads), metrics
+    grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves.values())]
+    return loss.detach(), torch.cat([g.flatten() for g in grads]), metrics
 
 
 def test_registry_keys_and_specs():
     assert set(LOSSES) == {"sft", "reward", "dpo", "cdpo", "ipo", "slic", "kto", "simpo", "orpo",
-                           "robust-dpo"}
+                           "robust-dpo", "grpo", "dr-grpo", "dapo"}
     for spec in LOSSES.values():
-        assert spec.task in {"sft", "reward", "pointwise", "pairwise"} and spec.paper
+        assert spec.task in {"sft", "reward", "pointwise", "pairwise", "group"} and spec.paper
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -339,12 +362,15 @@ def test_hyperparameters_are_signature_defaults():
         "robust-dpo": {"beta": 0.1, "label_smoothing": 0.1}, "ipo": {"tau": 0.1, "length_normalize": False},
         "slic": {"delta": 1.0, "lam": 0.1}, "simpo": {"beta": 2.0, "gamma": 0.5}, "orpo": {"lam": 0.1},
         "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
+        "grpo": {"eps_low": 0.2, "eps_high": 0.2, "kl_coef": 0.0},
+        "dr-grpo": {"eps_low": 0.2, "eps_high": 0.2, "kl_coef": 0.0, "max_tokens": 0},
+        "dapo": {"eps_low": 0.2, "eps_high": 0.28, "kl_coef": 0.0, "mean_tokens": 0.0},
     }
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_compute_loss_filters_hparams(name):
-    x = LossInputs(**rand_fields(B=4, seed=12))
+    x = loss_inputs(name, rand_fields(B=4, seed=12))
     default = compute_loss(name, x)[0]
     explicit = compute_loss(name, x, **hyperparameters(name))[0]
     ignored = compute_loss(name, x, **dict.fromkeys(hyperparameters(name)), not_a_hparam=3.0)[0]

@@ -33,8 +33,8 @@ def _manifests(run: Path) -> dict[str, str]:
 
 
 def _contents(run: Path) -> dict[str, object]:
-    """What each stage wrote, independent of the run folder's path: dataset rows (the `policy` path column
-    left out), adapter weights rounded to 5 decimals."""
+    """What each stage wrote, independent of the run folder's path: dataset rows (the policy's path and its
+    fingerprint, which hashes the run's manifest, left out), adapter weights rounded to 5 decimals."""
     from safetensors.torch import load_file
 
     from alignpipe.io import _load
@@ -49,7 +49,7 @@ def _contents(run: Path) -> dict[str, object]:
                          for k, v in load_file(folder / "adapter_model.safetensors").items()}
         elif (folder / "dataset_info.json").exists() or any(folder.glob("*.arrow")) or any(folder.glob("part-*")):
             ds = _load(folder)
-            out[name] = ds.remove_columns([c for c in ds.column_names if c == "policy"]).to_list()
+            out[name] = ds.remove_columns([c for c in ds.column_names if c in ("policy", "policy_fingerprint")]).to_list()
     return out
 
 
