@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _row(kind: str) -> dict:
     """One valid row of any kind, built from the schema table itself."""
-    fill = {"string": "x", "int32": 1, "int64": 1, "float64": 0.5, "bool": True, "ids": [1, 2], "mask": [1, 1],
+    fill = {"string": "x", "int32": 1, "int64": 1, "float64": 0.5, "bool": True, "ids": [1, 2], "mask": [1, 1], "floats": [-0.5, -1.5],
             "messages": [{"role": "user", "content": "hi"}],
             "raw": [{"name": "a", "score1": 1.0, "score2": 0.0, "preference": 0.7, "preference_12": 0.7,
                      "preference_21": 0.3, "abstained": False, "reason": ""}]}
