@@ -298,7 +298,7 @@ LOSSES.add("robust-dpo", robust_dpo_loss, task="pairwise", needs_reference=True,
            docs={**_BETA, "label_smoothing": "known rate eps of flipped preference labels (< 0.5)"})
 
 
-import alignpipe.policy_gradient  # noqa: E402,F401 -- adds the token-level policy-gradient losses (task group)
+import alignpipe.policy_gradient  # noqa: F401 -- adds the token-level policy-gradient losses (task group)
 
 
 def _spec(name: str):

@@ -319,7 +319,7 @@ class _Batch:
             self.steps = torch.zeros_like(rows)
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        left = lambda t, dim: F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width - t.shape[dim], 0))  # noqa: E731
+        left = lambda t, dim: F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width - t.shape[dim], 0))
         for mine, new in zip(self.cache.layers, cache.layers):
             mine.keys = torch.cat([left(mine.keys, 2), left(new.keys, 2)])
             mine.values = torch.cat([left(mine.values, 2), left(new.values, 2)])

@@ -93,7 +93,7 @@ def reference_token_logps(model, prompts: list, responses: list, pad_id: int, ba
         for s in range(0, len(order), batch_size):
             idx = order[s: s + batch_size]
             batch = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, device)
-            logp, mask, _ = response_token_logps(model, batch)
+            logp, _, _ = response_token_logps(model, batch)
             for row, i in enumerate(idx):
                 result[i] = logp[row, : len(responses[i])].tolist()
     return result

@@ -44,7 +44,6 @@ import math
 import time
 from dataclasses import dataclass
 
-from alignpipe.checkpoint import is_peft
 from alignpipe.distributed import (  # noqa: F401  (re-exported: the trainer's callers use them from here)
     SHARDING,
     Dist,

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -125,7 +126,7 @@ def run_trl(a) -> dict:
         return [verifier.one(t, r).score for t, r in zip(texts, reference)]
 
     class Parity(GRPOTrainer):
-        first: dict = {}
+        first: ClassVar[dict] = {}
 
         def _compute_loss(self, model, inputs):
             loss = super()._compute_loss(model, inputs)

@@ -26,6 +26,7 @@ from typing import Annotated
 
 import typer
 
+from alignpipe.advantages import ADVANTAGES, EQUAL_GROUPS
 from alignpipe.cli_common import (
     ConfigOpt,
     ForceOpt,
@@ -36,7 +37,6 @@ from alignpipe.cli_common import (
     up_to_date_line,
 )
 from alignpipe.errors import UserError
-from alignpipe.advantages import ADVANTAGES, EQUAL_GROUPS
 from alignpipe.pairing import PAIRINGS
 from alignpipe.tasks import TASKS
 

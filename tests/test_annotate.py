@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from alignpipe.stages.annotate import combined_preference, make_pairs
 from typer.testing import CliRunner
 
 from alignpipe import schemas
@@ -14,7 +15,6 @@ from alignpipe.cli import app
 from alignpipe.errors import UserError
 from alignpipe.io import read_input
 from alignpipe.manifest import read_manifest
-from alignpipe.stages.annotate import combined_preference, make_pairs
 
 runner = CliRunner()
 

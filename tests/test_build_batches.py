@@ -12,8 +12,7 @@ import torch
 from datasets import Dataset
 from typer.testing import CliRunner
 
-from alignpipe import schemas
-from alignpipe import batching, tasks
+from alignpipe import batching, schemas, tasks
 from alignpipe.cli import app
 from alignpipe.io import read_input
 from alignpipe.logprobs import collate

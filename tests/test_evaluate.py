@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+from helpers import assert_clean_failure, cli, manifest, ok, prompt, rows_of, write_dataset
 
 from alignpipe.logprobs import score_responses
 from alignpipe.models import load_causal_lm, load_tokenizer
 from alignpipe.prompting import encode, render_prompt
-from helpers import assert_clean_failure, cli, manifest, ok, prompt, rows_of, write_dataset
 
 
 @pytest.fixture(scope="module")

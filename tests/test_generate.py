@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from alignpipe.stages.generate import prepare_prompts, shard_range
 from typer.testing import CliRunner
 
 from alignpipe import schemas
@@ -20,7 +21,6 @@ from alignpipe.logprobs import score_responses
 from alignpipe.manifest import read_manifest
 from alignpipe.models import load_causal_lm, load_tokenizer, model_fingerprint
 from alignpipe.sampling import Sampler, SamplingParams, cut_at_stop, eos_token_ids
-from alignpipe.stages.generate import prepare_prompts, shard_range
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from alignpipe.stages.reweight import reweight
 from typer.testing import CliRunner
 
 from alignpipe import schemas
@@ -16,7 +17,6 @@ from alignpipe.cli import app
 from alignpipe.errors import UserError
 from alignpipe.io import read_input
 from alignpipe.output import StageOutput
-from alignpipe.stages.reweight import reweight
 
 runner = CliRunner()
 

@@ -109,7 +109,7 @@ def test_k3_kl_by_hand():
 
 
 def _cat(a: TokenInputs, b: TokenInputs) -> TokenInputs:
-    f = lambda n: torch.cat([getattr(a, n), getattr(b, n)])  # noqa: E731
+    f = lambda n: torch.cat([getattr(a, n), getattr(b, n)])
     return TokenInputs(logp=f("logp"), behaviour_logp=f("behaviour_logp"), mask=f("mask"), advantage=f("advantage"),
                        weight=f("weight"))
 

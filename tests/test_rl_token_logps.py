@@ -22,7 +22,7 @@ def test_token_logps_sum_to_sequence_logps_and_entropy_is_exact(tiny):
     batch = collate(prompts, responses, pad_id=0)
     with torch.no_grad():
         logp, mask, entropy = response_token_logps(tiny, batch, with_entropy=True)
-        sums, lengths = sequence_logps(tiny, batch)
+        sums, _ = sequence_logps(tiny, batch)
         full = tiny(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     assert logp.shape == (3, 4) and mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert torch.allclose((logp * mask).sum(-1), sums, atol=1e-5)

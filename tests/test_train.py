@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from alignpipe.cli import app
-from alignpipe.losses import LOSSES, hyperparameters
+from alignpipe.losses import LOSSES
 
 RUNNER = CliRunner()
-WORDS = "the of and to in is that it for as with was on be by this are from or an".split()
+WORDS = ["the", "of", "and", "to", "in", "is", "that", "it", "for", "as", "with", "was", "on", "be", "by", "this", "are", "from", "or", "an"]
 
 
 # ------------------------------------------------------------------------------------------- helpers

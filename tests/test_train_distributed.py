@@ -152,10 +152,11 @@ class _Alone:
 def test_rank_gradients_average_to_the_one_process_gradient(batch, rule, tiny_lm_dir):
     """The maths without processes: rank r's weighted loss sum scaled by world / D; the average over ranks
     (what DDP's all-reduce computes) equals the one-process gradient, under either weight normalisation."""
+    from test_train import make_batches
+
     from alignpipe import trainer as tr
     from alignpipe.checkpoint import frozen_copy, load_policy
     from alignpipe.train_data import batch_groups, micro_batches
-    from test_train import make_batches
 
     ds = make_batches("pairwise", _uneven(pairs(6)), tiny_lm_dir)
     groups = batch_groups(ds)[batch: batch + 1]
