@@ -23,7 +23,9 @@
 #   ANNOTATOR        the reward (any `alignpipe annotate --annotator` spec; a verifier: exact-answer, math-verify,
 #                    function:MODULE:FN with the reference)
 #   ADVANTAGE        advantage estimator spec: grpo | dr-grpo | rloo | reinforce++ | reinforce++-baseline
-#   EQUAL_GROUPS     drop (DAPO dynamic sampling) | keep: groups whose answers all got the same reward
+#   EQUAL_GROUPS     drop (DAPO dynamic sampling) | keep: groups whose answers all got the same reward (when
+#                    every group of an iteration is equal, drop leaves nothing and build-batches stops with a
+#                    one-line error: keep, or more prompts per iteration)
 #   LOSS             policy-gradient loss spec: grpo | dr-grpo | dapo, with hyperparameters, e.g.
 #                    dapo,eps_high=0.28  or  grpo,kl_coef=0.04 (a KL term needs REFERENCE_OPTS)
 #   BATCH            answers per optimiser step (default 16: up to 8 steps per generation batch of 16 x 8,
@@ -139,4 +141,5 @@ TINY := runs/tiny-models
 demo-tiny:
 	test -f $(TINY)/policy/config.json || $(PY) -m alignpipe.testing $(TINY)
 	$(MAKE) -f pipelines/rl.mk run NAME=demo-rl-tiny MODEL=$(TINY)/policy ITERS=2 PROMPTS_PER_ITER=4 \
-	  NUM_SAMPLES=4 EVAL_PROMPTS=4 EVAL_SAMPLES=2 MAX_NEW_TOKENS=8 LORA_R=4 BATCH=8
+	  NUM_SAMPLES=4 EVAL_PROMPTS=4 EVAL_SAMPLES=2 MAX_NEW_TOKENS=8 LORA_R=4 BATCH=8 ANNOTATOR=length \
+	  EVAL_ANNOTATOR=exact-answer
