@@ -31,6 +31,7 @@ SCRIPTS = {  # name -> (script, in --quick)
     "flops": ("bench_flops.py", False),
     "annotate": ("bench_annotate.py", False),
     "generate": ("bench_generate.py", False),
+    "grpo": ("bench_grpo.py", False),  # two SmolLM2 processes, 3-6 minutes
 }
 
 
@@ -62,6 +63,11 @@ def row(r: dict) -> tuple[str, str, str, str]:
         ratio = _s(r["ratio"]) if r["valid"] else "VOID (first-step loss differs)"
         measure = f"pairs/s {_s(r['pairs/s']['alignpipe'], 1)} vs {_s(r['pairs/s']['trl'], 1)}; RSS x{_s(r['rss_ratio'])}"
         return case, measure, ratio, r["target"]
+    if b == "grpo":
+        ratio = _s(r["ratio"]) if r["valid"] else "VOID (first-step loss or gradient differs)"
+        p = r["prompts/s"]
+        return case, (f"prompts/s {_s(p['alignpipe'], 3)} vs {_s(p['trl'], 3)}; loss diff {r['loss_diff']:.1e}, "
+                      f"grad-norm rel diff {r['grad_norm_rel_diff']:.1e}"), ratio, r.get("target", "")
     if b == "flops":
         return case, f"{_s(r['train_gflop/s'], 0)} of {_s(r['matmul_peak_gflop/s'], 0)} GFLOP/s", \
             f"MFU {_s(r['mfu'])}", r["target"]
