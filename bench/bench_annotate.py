@@ -42,11 +42,11 @@ def timed(fn) -> float:
 
 
 def reward_case(name: str, folder: Path, pairs: int, batch_size: int, repeats: int) -> dict:
+    from alignpipe.stages.annotate import annotate
     from transformers import pipeline
 
-    from alignpipe.annotators import Runtime, build, parse_spec
-    from alignpipe.annotators.reward_model import render
-    from alignpipe.stages.annotate import annotate
+    from alignpipe.feedback.annotators import Runtime, build, parse_spec
+    from alignpipe.feedback.annotators.reward_model import render
 
     gens = generations(pairs)
     ann = build(parse_spec(f"reward-model:{folder}"), Runtime(device="cpu", batch_size=batch_size))
@@ -68,14 +68,15 @@ def reward_case(name: str, folder: Path, pairs: int, batch_size: int, repeats: i
 
 
 def _query(g: dict):
-    from alignpipe.annotators import Query
+    from alignpipe.feedback.annotators import Query
 
     return Query(prompt=g["prompt"], messages=g["messages"], response=g["response"])
 
 
 def judge_case(name: str, folder: Path, pairs: int, batch_size: int, repeats: int) -> dict:
-    from alignpipe.annotators import Runtime, build, parse_spec
     from alignpipe.stages.annotate import annotate
+
+    from alignpipe.feedback.annotators import Runtime, build, parse_spec
 
     gens = generations(pairs)
     judge = build(parse_spec(f"pairwise-judge:{folder},template=positivity"),

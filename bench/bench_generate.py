@@ -57,12 +57,12 @@ def timed(fn, seed: int):
 def bench_case(name: str, folder: Path, *, prompts: int, batch_size: int, num_samples: int, max_new_tokens: int,
                repeats: int, threads: int) -> dict:
     import torch
+    from alignpipe.stages.generate import generate
     from transformers import GenerationConfig, pipeline
 
-    from alignpipe.models import load_causal_lm, load_tokenizer
-    from alignpipe.prompting import render_prompt
-    from alignpipe.sampling import Sampler, SamplingParams, eos_token_ids
-    from alignpipe.stages.generate import generate
+    from alignpipe.models.loading import load_causal_lm, load_tokenizer
+    from alignpipe.models.prompting import render_prompt
+    from alignpipe.sampling.engine import Sampler, SamplingParams, eos_token_ids
 
     torch.set_num_threads(threads)
     tok, model = load_tokenizer(folder), load_causal_lm(folder)
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             folder = build_tiny_models(tempfile.mkdtemp(prefix="bench-generate-"))["policy"]
             sizes = {"prompts": 32 if args.quick else 64, "max_new_tokens": 64}
         else:
-            from alignpipe.smollm import smollm2_folder
+            from alignpipe.models.smollm import smollm2_folder
 
             folder = smollm2_folder()
             # 32 prompts: one checkpoint shard of `generate` at its CPU defaults (4 batches of 8 prompts)

@@ -12,7 +12,7 @@ Per model shape (random initialisation built on the spot, float32 weights, the S
    token ids, batches and order, bf16 autocast over float32 weights on both sides), stored and live
    reference (the policy as reference): pairs/s in steady state; the first-step losses must agree within
    1e-4, else VOID; each side in a fresh worker process (bench/bench_train.py's workers);
-3. generate's sampler (dynamic KV cache, and the static one of alignpipe.static_decode) against transformers'
+3. generate's sampler (dynamic KV cache, and the static one of alignpipe.sampling.static_decode) against transformers'
    `generate` on the same prompts, batch, samples and max new tokens: generated tokens/s;
 4. MFU: training model FLOP/s (6 x parameters x real tokens; + 2 x for a live reference) over a measured
    bf16 matrix-product peak (float32 on the CPU);
@@ -82,7 +82,7 @@ def stage(name: str, device: str, *args) -> dict:
 
 def pipeline(model: Path, work: Path, a, sizes: dict) -> tuple[list[dict], Path]:
     """The five stages as processes; returns their timings and the batches folder (reference cached)."""
-    from alignpipe.manifest import read_manifest
+    from alignpipe.data.manifest import read_manifest
 
     d, dev, dt = work / "run", a.device, a.dtype
     work.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def pipeline(model: Path, work: Path, a, sizes: dict) -> tuple[list[dict], Path]
 
 def full_batches(batches: Path, batch_size: int) -> int:
     """How many leading stored batches are full (TRL's sequential sampler needs equal batches)."""
-    from alignpipe.io import read_input
+    from alignpipe.data.io import read_input
 
     sizes: dict[int, int] = {}
     for b in read_input(batches, "batches-pairwise", stage="bench")[0]["batch_index"]:
@@ -170,7 +170,7 @@ def train_worker(a) -> dict:
 
 def _profiled_alignpipe(a) -> dict:
     """bench_train.run_alignpipe with its last warm-up step (outside the timed ones) under torch.profiler."""
-    from alignpipe import trainer
+    from alignpipe.training import loop as trainer
 
     inner, calls, table = trainer.train_step, [0], {}
 
@@ -205,9 +205,9 @@ def generate_worker(a) -> dict:
     alternating after a warm-up; a profile of one decode step."""
     import torch
 
-    from alignpipe.models import load_causal_lm, load_tokenizer
-    from alignpipe.sampling import Sampler, SamplingParams, eos_token_ids
-    from alignpipe.static_decode import StaticSampler
+    from alignpipe.models.loading import load_causal_lm, load_tokenizer
+    from alignpipe.sampling.engine import Sampler, SamplingParams, eos_token_ids
+    from alignpipe.sampling.static_decode import StaticSampler
 
     dtype = "bfloat16" if a.device.startswith("cuda") and a.dtype == "bfloat16" else "float32"
     tok, model = load_tokenizer(a.policy), load_causal_lm(a.policy, dtype=dtype, device=a.device).eval()

@@ -14,7 +14,7 @@ mean, then the mean; clip 0.2, no KL: TRL's loss_type "grpo", beta 0).
 Measure: prompts per second of wall time of the whole iteration (the TRL side from its constructor on, model
 loading excluded on both sides' first command is NOT possible for the stages, so both include loading:
 TRL's model load is timed too). Loss parity: on TRL's own first batch, inside its `_compute_loss`, alignpipe's
-per-token log-probs (`alignpipe.token_logps`) and GRPO loss (`alignpipe.policy_gradient`) are computed on the
+per-token log-probs (`alignpipe.models.logprobs`) and GRPO loss (`alignpipe.training.policy_gradient`) are computed on the
 same model and tensors; |loss_alignpipe - loss_trl| must be <= 1e-5 and the gradient norms (alignpipe's by
 autograd on the same LoRA parameters, TRL's logged `grad_norm`) agree within 1e-3 relative, else the case is
 VOID. (On-policy the GRPO loss value is -mean(A) up to rounding, about 0 whatever the log-probs: the gradient
@@ -85,14 +85,14 @@ def _parity(trainer, model, inputs, trl_loss) -> dict:
     """alignpipe's GRPO loss on TRL's batch and model (before the step), next to TRL's loss."""
     import torch
 
-    from alignpipe.policy_gradient import TokenInputs, grpo_loss
-    from alignpipe.token_logps import response_token_logps
+    from alignpipe.models.logprobs import response_token_logps
+    from alignpipe.training.policy_gradient import TokenInputs, grpo_loss
 
     p_ids, p_mask = inputs["prompt_ids"], inputs["prompt_mask"]
     c_ids, c_mask = inputs["completion_ids"], inputs["completion_mask"]
     prompts = [ids[m.bool()].tolist() for ids, m in zip(p_ids, p_mask)]  # TRL left-pads prompts
     answers = [ids[m.bool()].tolist() for ids, m in zip(c_ids, c_mask)]
-    from alignpipe.logprobs import collate
+    from alignpipe.models.logprobs import collate
 
     batch = collate(prompts, answers, trainer.processing_class.pad_token_id)
     logp, mask, _ = response_token_logps(model, batch)
@@ -117,7 +117,7 @@ def run_trl(a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from alignpipe.annotators.verifiers import exact_answer
+    from alignpipe.feedback.annotators.verifiers import exact_answer
 
     verifier = exact_answer()
 

@@ -3,7 +3,7 @@
 For each kind (prompts, weighted with one annotator's raw record per row, batches-pairwise with token ids),
 a dataset of --rows rows is built in memory (not timed), then timed through the foundation every stage uses:
   write     StageOutput.finish: conform to the schema, save_to_disk, fingerprint, manifest, atomic rename
-  validate  alignpipe.io.read_input: load, kind, version and column types
+  validate  alignpipe.data.io.read_input: load, kind, version and column types
   check     StageOutput.up_to_date on the finished output (what a rerun pays before doing nothing)
 Start-up: wall time of `alignpipe --help` in a fresh process (console script of the venv).
 
@@ -65,8 +65,8 @@ def time_kind(kind: str, n: int, repeats: int) -> dict:
     from datasets import Dataset
 
     from alignpipe import schemas
-    from alignpipe.io import read_input
-    from alignpipe.output import StageOutput
+    from alignpipe.data.io import read_input
+    from alignpipe.data.output import StageOutput
 
     ds = Dataset.from_dict(rows_of(kind, n), features=schemas.features(kind))
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))

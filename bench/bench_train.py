@@ -64,9 +64,9 @@ def prepare_case(name: str, case: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ workers
 def step_clock(times: list, after=None):
-    """Wrap alignpipe.trainer.train_step to note the wall time at the end of every step; `after()` (a probe
+    """Wrap alignpipe.training.loop.train_step to note the wall time at the end of every step; `after()` (a probe
     that bench_flops runs between steps) is timed apart and its seconds subtracted."""
-    from alignpipe import trainer
+    from alignpipe.training import loop as trainer
 
     inner = trainer.train_step
     lost = [0.0]
@@ -103,7 +103,7 @@ def trl_dataset(batches: str, steps: int, batch_size: int):
     """The batches as TRL's pre-tokenised columns, in batch order (rows of the first `steps` batches)."""
     from datasets import Dataset
 
-    from alignpipe.io import read_input
+    from alignpipe.data.io import read_input
 
     ds, _ = read_input(Path(batches), "batches-pairwise", stage="bench")
     keep = [i for i, b in enumerate(ds["batch_index"]) if b < steps]

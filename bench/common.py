@@ -122,7 +122,7 @@ def tiny_models() -> dict[str, Path]:
 
 
 def smollm2() -> Path:
-    from alignpipe.smollm import smollm2_folder
+    from alignpipe.models.smollm import smollm2_folder
 
     return smollm2_folder()
 

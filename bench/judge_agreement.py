@@ -10,7 +10,7 @@ one `annotate` call (pairing `all`, annotators `pairwise-judge:JUDGE,template=po
 VADER's verdict is the sign of compound(response1) - compound(response2). The judge's verdict:
     order ab only   preference_12 > 0.5          (response1 shown first, one forward)
     swap-averaged   preference > 0.5             (1/2 [P_12 + 1 - P_21], two forwards)
-Default judge: SmolLM2-135M-Instruct (`alignpipe.smollm`). Also times, on the tiny test models, reward-model
+Default judge: SmolLM2-135M-Instruct (`alignpipe.models.smollm`). Also times, on the tiny test models, reward-model
 pairs/s and pairwise-judge comparisons/s (a comparison = both orders, i.e. two forwards).
 """
 from __future__ import annotations
@@ -86,8 +86,9 @@ def generations(pairs: list[dict]):
 
 def agreement(judge_dir: str, n: int, batch_size: int, device: str, template: str = "positivity",
               which: str = "a") -> dict:
-    from alignpipe.annotators import Runtime, build, parse_spec
     from alignpipe.stages.annotate import annotate
+
+    from alignpipe.feedback.annotators import Runtime, build, parse_spec
 
     pairs = fixture_pairs(n, which=which)
     rt = Runtime(device=device, batch_size=batch_size)
@@ -117,9 +118,10 @@ def agreement(judge_dir: str, n: int, batch_size: int, device: str, template: st
 
 
 def tiny_timings(n: int, batch_size: int, device: str) -> dict:
-    from alignpipe.annotators import Runtime, build, parse_spec
-    from alignpipe.testing import build_tiny_models
     from alignpipe.stages.annotate import annotate
+
+    from alignpipe.feedback.annotators import Runtime, build, parse_spec
+    from alignpipe.testing import build_tiny_models
 
     models = build_tiny_models(Path(tempfile.mkdtemp(prefix="judge-bench-")))
     pairs = [{**p, "prompt": f"{p['prompt']} (#{i})"} for i, p in enumerate(fixture_pairs(n))]  # all distinct
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if args.judge is None:
-        from alignpipe.smollm import smollm2_folder
+        from alignpipe.models.smollm import smollm2_folder
 
         args.judge = str(smollm2_folder())
     timings = {} if args.skip_timings else tiny_timings(args.timing_pairs, args.batch_size, args.device)

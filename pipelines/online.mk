@@ -62,7 +62,7 @@ TRAIN_OPTS ?= --lora-r $(LORA_R) $(if $(REPORT_TO),--report-to $(REPORT_TO))
 GEN_OPTS ?=
 ifeq ($(origin MODEL), undefined)
 ifeq ($(filter demo-tiny,$(MAKECMDGOALS)),)
-MODEL := $(shell $(PY) -m alignpipe.smollm)
+MODEL := $(shell $(PY) -m alignpipe.models.smollm)
 endif
 endif
 

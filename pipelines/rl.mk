@@ -63,7 +63,7 @@ REFERENCE_OPTS ?=
 TRAIN_ROWS ?= $(shell grep -c '"split": "train"' $(PROMPTS))
 ifeq ($(origin MODEL), undefined)
 ifeq ($(filter demo-tiny,$(MAKECMDGOALS)),)
-MODEL := $(shell $(PY) -m alignpipe.smollm)
+MODEL := $(shell $(PY) -m alignpipe.models.smollm)
 endif
 endif
 
@@ -129,7 +129,7 @@ EVAL_TARGETS := $(foreach k,$(POLICY_LIST),$(RUN)/eval/iter-$(k)/scores/manifest
 
 $(RUN)/report/summary.md: $(EVAL_TARGETS) $(RUN)/iter-$(shell echo $$(($(ITERS)-1)))/policy/manifest.json
 	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report
-	$(PY) -m alignpipe.rl_table $(RUN) > $(RUN)/report/rl-table.md
+	$(PY) -m alignpipe.report.rl_table $(RUN) > $(RUN)/report/rl-table.md
 
 report:
 	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report

@@ -2,7 +2,7 @@
 
 Each kind is a table of columns: name, `datasets` feature type, and a one-line doc. `features(kind)` turns
 the table into a `datasets.Features`; `alignpipe schema KIND` prints it; every stage validates its input
-against it at the boundary (`alignpipe.io.read_input`).
+against it at the boundary (`alignpipe.data.io.read_input`).
 
 Naming, the user's batch contract cleaned up: a prompt and up to two responses, `response1` and `response2`.
 Before preference is known (annotations, weighted) the two are unordered and `preference` is

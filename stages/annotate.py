@@ -2,7 +2,7 @@
 
     alignpipe annotate GENERATIONS --annotator SPEC [--annotator SPEC ...] --out ANNOTATIONS
 
-Annotators (`alignpipe.annotators.ANNOTATORS`): reward models, local LM judges (pairwise and pointwise),
+Annotators (`alignpipe.feedback.annotators.ANNOTATORS`): reward models, local LM judges (pairwise and pointwise),
 an OpenAI-compatible HTTP judge, rules (length, regex, VADER) and user functions. Each one's raw output is
 kept per row in `raw` as {name, score1, score2, preference, preference_12, preference_21, abstained, reason}.
 
@@ -15,7 +15,7 @@ default 1; pairwise weights must be > 0):
 `preference` is P(response1 preferred over response2).
 
 Pairing (`--pairing`; default `all` when an annotator is pairwise, else `pointwise`): `pointwise` (one row
-per generation, response2 null) or a pairing of `alignpipe.pairing` (the one implementation, shared with
+per generation, response2 null) or a pairing of `alignpipe.feedback.pairing` (the one implementation, shared with
 build-batches): all (every pair i < j in sample-index order), random (one pair per prompt, seeded by the
 prompt id), best-worst (the highest against the lowest combined pointwise reward, response1 = the best; ties:
 the first of the highest against the last of the lowest), margin:X (pairs whose rewards differ by >= X).
@@ -34,8 +34,7 @@ from typing import Annotated
 
 import typer
 
-from alignpipe.annotators import ANNOTATORS, Query, Runtime, Verdict, help_text
-from alignpipe.cli_common import (
+from alignpipe.core.command import (
     ConfigOpt,
     ForceOpt,
     OutOpt,
@@ -44,7 +43,8 @@ from alignpipe.cli_common import (
     say,
     up_to_date_line,
 )
-from alignpipe.errors import UserError
+from alignpipe.core.errors import UserError
+from alignpipe.feedback.annotators import ANNOTATORS, Query, Runtime, Verdict, help_text
 
 COMBINATION = ("reward = sum_k w_k*score_k over pointwise annotators (null if one abstained); preference = "
                "sum_k w_k*P_k / sum_k w_k over pairwise annotators with a verdict, else sigmoid(r1 - r2)")
@@ -100,8 +100,8 @@ def combined_preference(verdicts: list[Verdict], weights: list[float], r1, r2) -
 
 def make_pairs(gens: list[dict], pairing, rewards: dict, seed: int) -> list[tuple[dict, dict | None]]:
     """The (response1, response2) units of one prompt's generations: one per generation (pairing
-    'pointwise'), else the pairs of `alignpipe.pairing` over the generations in sample-index order."""
-    from alignpipe.pairing import pairs
+    'pointwise'), else the pairs of `alignpipe.feedback.pairing` over the generations in sample-index order."""
+    from alignpipe.feedback.pairing import pairs
 
     gens = sorted(gens, key=lambda g: g["sample_index"])
     if pairing == "pointwise":
@@ -236,8 +236,8 @@ def parse_weights(text: str | None, specs: list) -> list[float]:
 
 
 def resolve_pairing(pairing: str | None, specs: list, kind: str, path: Path):
-    """'as-input' (annotations keep their pairing), 'pointwise', or a parsed pairing of alignpipe.pairing."""
-    from alignpipe.pairing import PAIRINGS
+    """'as-input' (annotations keep their pairing), 'pointwise', or a parsed pairing of alignpipe.feedback.pairing."""
+    from alignpipe.feedback.pairing import PAIRINGS
 
     pairwise = [s for s in specs if s.component.pairwise]
     if kind == "annotations":
@@ -297,7 +297,7 @@ def _summary(out, annotators, groups_count: int, pairing: str) -> dict:
 def _verifier_summary(out, annotators) -> dict:
     """Verifiers: answers with nothing parseable (`unparsed`, per verifier) and, for one verifier alone, the
     fraction of answers it found correct (`accuracy`)."""
-    from alignpipe.annotators.verifiers import NO_ANSWER
+    from alignpipe.feedback.annotators.verifiers import NO_ANSWER
 
     verifiers = [a for a in annotators if a.describe().get("verifier")]
     if not verifiers:
@@ -358,9 +358,9 @@ def run(input: Path, out: Path, annotator: list[str], *, weights: str | None, pa
         force: bool) -> str:
     """The stage around the core: parse and check, shard over prompts (resumable), atomic output; returns
     the line to print."""
-    from alignpipe.annotators import build, parse_spec, spec_inputs
-    from alignpipe.io import read_input
-    from alignpipe.output import StageOutput, map_shards, part_path, process_shard
+    from alignpipe.data.io import read_input
+    from alignpipe.data.output import StageOutput, map_shards, part_path, process_shard
+    from alignpipe.feedback.annotators import build, parse_spec, spec_inputs
 
     specs = [parse_spec(s) for s in annotator]
     if not specs:

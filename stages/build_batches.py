@@ -4,10 +4,10 @@
 
 Inputs: `weighted` (reweight) or `annotations` (annotate/import; every weight 1); for `--task sft` also
 `prompts` with a `reference` (train split only) and `generations`. Several inputs are concatenated, or
-mixed with `--mix 0.5,0.3,0.2` (replay of earlier iterations; see `alignpipe.batching.mix`).
+mixed with `--mix 0.5,0.3,0.2` (replay of earlier iterations; see `alignpipe.batches.tokenise.mix`).
 Output: `batches-<task>`, one row per example, unpadded, in batch order with its `batch_index`, so `train`
-reads batches in order and resumes by index. Tasks: `alignpipe.tasks`; tokenisation, truncation and batch
-composition: `alignpipe.batching`. `--reference MODEL` (pointwise, pairwise) stores each response's summed
+reads batches in order and resumes by index. Tasks: `alignpipe.batches.tasks`; tokenisation, truncation and batch
+composition: `alignpipe.batches.tokenise`. `--reference MODEL` (pointwise, pairwise) stores each response's summed
 log-probs under the reference model, computed in resumable shards, so `train` needs no reference in memory;
 they are computed as `train` computes the policy's for the same `--dtype` (bfloat16: autocast over float32
 weights), batch by stored batch, so with policy = reference the first DPO loss is exactly log 2. How they
@@ -26,8 +26,9 @@ from typing import Annotated
 
 import typer
 
-from alignpipe.advantages import ADVANTAGES, EQUAL_GROUPS
-from alignpipe.cli_common import (
+from alignpipe.batches.advantages import ADVANTAGES, EQUAL_GROUPS
+from alignpipe.batches.tasks import TASKS
+from alignpipe.core.command import (
     ConfigOpt,
     ForceOpt,
     OutOpt,
@@ -36,9 +37,8 @@ from alignpipe.cli_common import (
     say,
     up_to_date_line,
 )
-from alignpipe.errors import UserError
-from alignpipe.pairing import PAIRINGS
-from alignpipe.tasks import TASKS
+from alignpipe.core.errors import UserError
+from alignpipe.feedback.pairing import PAIRINGS
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,11 @@ def build_batches(inputs: list[tuple], tokenizer, task: str, opts: BatchOptions)
     """(dataset of kind batches-<task>, report) from [(dataset, kind, name)] inputs."""
     from datasets import Dataset
 
-    from alignpipe import batching, schemas, tasks
+    from alignpipe import schemas
+    from alignpipe.batches import tasks, tokenise
 
     spec = tasks.task(task)
-    batching.check_lengths(opts.max_length, opts.max_prompt_length)
+    tokenise.check_lengths(opts.max_length, opts.max_prompt_length)
     topts = tasks.TaskOptions(pairs=opts.pairs, threshold=opts.threshold, seed=opts.seed, advantage=opts.advantage,
                               equal_groups=opts.equal_groups)
     parts, report = [], {"task": task, "inputs": []}
@@ -93,7 +94,7 @@ def build_batches(inputs: list[tuple], tokenizer, task: str, opts: BatchOptions)
         examples, counts = tasks.make_examples(ds, kind, spec, where, topts)
         parts.append(examples)
         report["inputs"].append({"path": where, "kind": kind, "rows": len(ds), "examples": len(examples), **counts})
-    examples, taken = batching.mix(parts, list(opts.mix) if opts.mix else None, opts.num_examples, opts.seed)
+    examples, taken = tokenise.mix(parts, list(opts.mix) if opts.mix else None, opts.num_examples, opts.seed)
     if opts.mix:
         report["mix"] = {"proportions": list(opts.mix), "taken": taken}
     if not examples:
@@ -102,44 +103,45 @@ def build_batches(inputs: list[tuple], tokenizer, task: str, opts: BatchOptions)
                         for i in report["inputs"])
         raise UserError(f"no {task} examples left from the inputs ({why})")
     counts: Counter = Counter()
-    batching.tokenise(examples, tokenizer, num_responses=spec.num_responses, max_length=opts.max_length,
+    tokenise.tokenise(examples, tokenizer, num_responses=spec.num_responses, max_length=opts.max_length,
                       max_prompt_length=opts.max_prompt_length, use_chat_template=opts.use_chat_template,
                       counts=counts)
     if spec.kind == "batches-group":
-        from alignpipe.group_task import trim_to_ids
+        from alignpipe.batches.group import trim_to_ids
 
         trim_to_ids(examples)
-    lengths = [batching.sequence_lengths(ex, spec.num_responses) for ex in examples]
-    batches = batching.make_batches(lengths, batch_size=opts.batch_size, max_tokens=opts.max_tokens_per_batch,
+    lengths = [tokenise.sequence_lengths(ex, spec.num_responses) for ex in examples]
+    batches = tokenise.make_batches(lengths, batch_size=opts.batch_size, max_tokens=opts.max_tokens_per_batch,
                                     group_by_length=opts.group_by_length, group_size=opts.group_size,
                                     seed=opts.seed)
-    baseline = batching.random_batches([len(b) for b in batches], opts.seed)
+    baseline = tokenise.random_batches([len(b) for b in batches], opts.seed)
     rows = [_output_row(examples[i], b, spec.kind) for b, batch in enumerate(batches) for i in batch]
     report.update({
         "examples": len(rows), "batches": len(batches), "prompts_truncated": counts["prompts_truncated"],
         "responses_truncated": counts["responses_truncated"],
-        "padding_fraction": round(batching.padding_fraction(batches, lengths), 6),
-        "padding_fraction_random": round(batching.padding_fraction(baseline, lengths), 6),
-        "tokens": sum(map(sum, lengths)), "max_padded_tokens": batching.padded_tokens(batches[0], lengths),
+        "padding_fraction": round(tokenise.padding_fraction(batches, lengths), 6),
+        "padding_fraction_random": round(tokenise.padding_fraction(baseline, lengths), 6),
+        "tokens": sum(map(sum, lengths)), "max_padded_tokens": tokenise.padded_tokens(batches[0], lengths),
     })
     return Dataset.from_list(rows, features=schemas.features(spec.kind)), report
 
 
 def reference_logps(part, model, *, whole, start: int, groups, task: str, pad_id: int, dtype: str, device):
     """`part` (rows start.. of `whole`) with `response{k}_ref_logp` = summed log-probs of each response under
-    `model`, computed exactly as train computes the policy's (`alignpipe.logprobs.batch_logps`): stored batch by
+    `model`, computed exactly as train computes the policy's (`alignpipe.models.logprobs.batch_logps`): stored batch by
     stored batch (`groups`; a batch cut by the shard's edge is computed whole), collated as train collates it,
     under training's autocast for `dtype`. So with policy = reference train's first differences are exactly 0."""
     from datasets import Value
 
-    from alignpipe import logprobs, train_data
+    from alignpipe.models import logprobs
+    from alignpipe.training import micro_batches
 
     n, end = len(part), start + len(part)
     values: dict[int, list] = {1: [None] * n, 2: [None] * n}
     for _, rows in groups:
         if rows[-1] < start or rows[0] >= end:
             continue
-        batch = train_data.collate_group(train_data.read_group(whole, rows, task, False), task, pad_id, device)
+        batch = micro_batches.collate_group(micro_batches.read_group(whole, rows, task, False), task, pad_id, device)
         logps = logprobs.batch_logps(model, batch, dtype=dtype, device=device).tolist()
         for j, row in enumerate(rows):
             if start <= row < end:
@@ -154,7 +156,7 @@ def reference_logps(part, model, *, whole, start: int, groups, task: str, pad_id
 def group_reference_logps(part, model, *, pad_id: int, device):
     """`part` of a batches-group dataset with `response1_ref_logps`: per-token reference log-probs."""
     from alignpipe import schemas
-    from alignpipe.token_logps import reference_token_logps
+    from alignpipe.models.logprobs import reference_token_logps
 
     values = reference_token_logps(model, list(part["prompt_input_ids"]), list(part["response1_input_ids"]),
                                    pad_id, device=device)
@@ -173,13 +175,13 @@ def _check_vocab(ds, model, num_responses: int, reference: Path) -> None:
 
 
 def _options(batch_size, max_tokens_per_batch, mix, num_inputs, **kw) -> BatchOptions:
-    from alignpipe import batching
+    from alignpipe.batches import tokenise
 
     if batch_size is not None and max_tokens_per_batch is not None:
         raise UserError("give --batch-size or --max-tokens-per-batch, not both")
     if kw["num_examples"] is not None and mix is None:
         raise UserError("--num-examples needs --mix (the proportions to split it by)")
-    props = batching.parse_mix(mix, num_inputs)
+    props = tokenise.parse_mix(mix, num_inputs)
     return BatchOptions(batch_size=None if max_tokens_per_batch else (batch_size or 8),
                         max_tokens_per_batch=max_tokens_per_batch, mix=tuple(props) if props else None, **kw)
 
@@ -241,7 +243,7 @@ def command(
 
 def _hub(model: Path | None, revision: str | None) -> Path | None:
     """A model named with --revision: org/name@revision (a local folder with --revision is an error)."""
-    from alignpipe.models import with_revision
+    from alignpipe.models.loading import with_revision
 
     return None if model is None else Path(with_revision(model, revision))
 
@@ -251,10 +253,10 @@ def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokeniz
         shard_size: int, config: dict, force: bool) -> str:
     """The stage around the core: checks, reading, the atomic output, the reference pass in resumable
     shards; returns what to print."""
-    from alignpipe import tasks
-    from alignpipe.io import read_input
-    from alignpipe.models import load_causal_lm, load_tokenizer
-    from alignpipe.output import StageOutput, map_shards
+    from alignpipe.batches import tasks
+    from alignpipe.data.io import read_input
+    from alignpipe.data.output import StageOutput, map_shards
+    from alignpipe.models.loading import load_causal_lm, load_tokenizer
 
     spec = tasks.task(task)
     PAIRINGS.parse(opts.pairs, flag="--pairs")
@@ -279,8 +281,8 @@ def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokeniz
     with so:
         ds, so.report = build_batches(data, tok, task, opts)
         if reference is not None:
-            from alignpipe import logprobs
-            from alignpipe.train_data import batch_groups
+            from alignpipe.models import logprobs
+            from alignpipe.training.micro_batches import batch_groups
 
             weights = "float32" if dtype == "bfloat16" else dtype  # bfloat16: training's autocast over float32
             model = load_causal_lm(reference, dtype=weights, device=device, what="reference model").eval()

@@ -22,7 +22,7 @@ from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import (
+from alignpipe.core.command import (
     ConfigOpt,
     ForceOpt,
     OutOpt,
@@ -31,7 +31,7 @@ from alignpipe.cli_common import (
     say,
     up_to_date_line,
 )
-from alignpipe.errors import UserError
+from alignpipe.core.errors import UserError
 
 
 def match_pairs(candidate, baseline):
@@ -80,7 +80,7 @@ def win_summary(ds) -> dict:
 
 def kl_estimate(pairs, model, tokenizer, *, batch_size: int, device) -> dict:
     """KL(candidate || reference) from the candidate's own samples: mean of log pi(y) - log pi_ref(y)."""
-    from alignpipe.logprobs import response_logps
+    from alignpipe.models.logprobs import response_logps
 
     ref, _ = response_logps(pairs, model, tokenizer, batch_size=batch_size, device=device, which=(1,))
     diffs = [b - r for b, r in zip(pairs["response1_behaviour_logp"], ref) if b is not None and r is not None]
@@ -103,7 +103,7 @@ def command(
     force: ForceOpt = False,
 ):
     """Win rate of a policy against another on held-out prompts (both orders), and mean rewards."""
-    from alignpipe.annotators import Runtime
+    from alignpipe.feedback.annotators import Runtime
 
     runtime = Runtime(device=device, dtype=dtype, batch_size=batch_size, cache_dir=None)
     say(run(candidate, baseline, out, annotator, reference=reference, runtime=runtime, config=resolved_config(ctx),
@@ -116,9 +116,9 @@ def run(candidate: Path, baseline: Path, out: Path, annotator: list[str], *, ref
     the line to print."""
     from alignpipe.stages.annotate import annotate, parse_weights
 
-    from alignpipe.annotators import build, parse_spec, spec_inputs
-    from alignpipe.io import read_input
-    from alignpipe.output import StageOutput
+    from alignpipe.data.io import read_input
+    from alignpipe.data.output import StageOutput
+    from alignpipe.feedback.annotators import build, parse_spec, spec_inputs
 
     specs = [parse_spec(s) for s in annotator]
     weights = parse_weights(None, specs)
@@ -130,7 +130,7 @@ def run(candidate: Path, baseline: Path, out: Path, annotator: list[str], *, ref
                         f"on the same prompts")
     inputs = [candidate, baseline] + [p for s in specs for p in spec_inputs(s)] + ([reference] if reference else [])
     if reference is not None:
-        from alignpipe.models import check_model_folder
+        from alignpipe.models.loading import check_model_folder
 
         check_model_folder(reference, "reference", False)
     cfg = {**config, "annotator": [s.identity() for s in specs]}
@@ -142,7 +142,7 @@ def run(candidate: Path, baseline: Path, out: Path, annotator: list[str], *, ref
         result = annotate(pairs, "annotations", annotators, weights, "evaluate")
         so.report = win_summary(result)
         if reference is not None:
-            from alignpipe.models import load_causal_lm, load_tokenizer, resolve_device
+            from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_device
 
             model = load_causal_lm(reference, dtype=runtime.dtype, device=resolve_device(runtime.device),
                                    what="reference")

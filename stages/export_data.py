@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import handle_errors, say
-from alignpipe.errors import UserError
+from alignpipe.core.command import handle_errors, say
+from alignpipe.core.errors import UserError
 
 
 @handle_errors
@@ -17,7 +17,7 @@ def command(
     to: Annotated[Path, typer.Option("--to", help="Target file: .parquet or .jsonl.")],
 ):
     """Export a dataset to Parquet or JSONL."""
-    from alignpipe.io import _load
+    from alignpipe.data.io import _load
 
     ds = _load(path)
     suffix = to.suffix.lower()

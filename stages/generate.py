@@ -17,8 +17,8 @@ from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say
-from alignpipe.errors import UserError
+from alignpipe.core.command import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say
+from alignpipe.core.errors import UserError
 
 ENGINES = ("transformers", "vllm")
 AUTO_BATCH = {"cpu": 32, "cuda": 64, "vllm": 256}  # prompts in flight for --batch-size auto (measured: bench)
@@ -35,7 +35,7 @@ def prepare_prompts(ds, tokenizer, *, max_prompt_length: int, long_prompts: str 
     from datasets import Dataset, Features, List, Value
 
     from alignpipe import schemas
-    from alignpipe.prompting import render_prompt
+    from alignpipe.models.prompting import render_prompt
 
     cols = {c: ds[c] for c in ("prompt_id", "prompt", "messages", "reference")}
     row_ids = row_ids if row_ids is not None else list(range(len(ds)))
@@ -79,7 +79,7 @@ def sample_part(part, sampler, *, batch_size: int, seed: int, first_row: int, me
     from datasets import Dataset
 
     from alignpipe import schemas
-    from alignpipe.sampling import derive_seed
+    from alignpipe.sampling.engine import derive_seed
 
     features = schemas.features("generations")
     if not len(part):  # a process shard without prompts
@@ -113,7 +113,7 @@ def summary(ds) -> dict:
 def context_length(policy: Path, tokenizer, trust_remote_code: bool) -> int | None:
     from transformers import AutoConfig
 
-    from alignpipe.models import adapter_base, is_adapter, local_folder
+    from alignpipe.models.loading import adapter_base, is_adapter, local_folder
 
     folder = local_folder(adapter_base(policy), "policy base") if is_adapter(policy) else policy
     try:
@@ -141,12 +141,12 @@ def resolve_max_prompt_length(given: int | None, context: int | None, max_new_to
 def build_sampler(engine: str, policy: Path, tokenizer, params, *, dtype, device, trust_remote_code,
                   allow_pickle, tensor_parallel_size: int = 1):
     if engine == "vllm":
-        from alignpipe.vllm_engine import VllmSampler
+        from alignpipe.sampling.vllm_engine import VllmSampler
 
         return VllmSampler(policy, tokenizer, params, dtype=dtype, trust_remote_code=trust_remote_code,
                            tensor_parallel_size=tensor_parallel_size)
-    from alignpipe.models import load_causal_lm
-    from alignpipe.sampling import Sampler
+    from alignpipe.models.loading import load_causal_lm
+    from alignpipe.sampling.engine import Sampler
 
     model = load_causal_lm(policy, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                            allow_pickle=allow_pickle)
@@ -210,15 +210,15 @@ def run(prompts: Path, out: Path, *, config: dict, policy: str, revision: str | 
         trust_remote_code: bool = False, allow_pickle: bool = False, num_shards: int | None = None,
         shard_index: int | None = None, force: bool = False) -> str:
     """The stage from disk to disk (`config`: the resolved options, for the manifest); returns its summary line."""
-    from alignpipe.io import read_input
-    from alignpipe.models import adapter_base, check_model_folder, is_adapter, with_revision
-    from alignpipe.output import StageOutput, part_path, process_shard
-    from alignpipe.sampling import SamplingParams
+    from alignpipe.data.io import read_input
+    from alignpipe.data.output import StageOutput, part_path, process_shard
+    from alignpipe.models.loading import adapter_base, check_model_folder, is_adapter, with_revision
+    from alignpipe.sampling.engine import SamplingParams
 
     _check_options(num_samples, max_new_tokens, temperature, top_p, top_k, long_prompts, split, engine)
     num_shards, shard_index = process_shard(num_shards, shard_index)
     if engine == "vllm":
-        from alignpipe.vllm_engine import require_vllm
+        from alignpipe.sampling.vllm_engine import require_vllm
 
         require_vllm()
     ds, _ = read_input(prompts, "prompts", stage="generate")
@@ -250,7 +250,7 @@ def _prepare(ds, name: str, folder: Path, *, prompts, split, rows, chat_template
              max_prompt_length, max_new_tokens, long_prompts, engine, device, batch_size, shard_batches,
              shards) -> Job:
     """Select, render, tokenise and sort the prompts; this process's contiguous range of checkpoint shards."""
-    from alignpipe.models import load_tokenizer, resolve_device
+    from alignpipe.models.loading import load_tokenizer, resolve_device
 
     dev = "cuda" if engine == "vllm" else resolve_device(device)
     bs = resolve_batch_size(batch_size, engine, dev)
@@ -277,8 +277,8 @@ def _prepare(ds, name: str, folder: Path, *, prompts, split, rows, chat_template
 
 def _sample_shards(so, job: Job, sampler, *, seed: int, iteration: int):
     """Sample this process's prompts shard by shard (resumable); (generations, tokens per second)."""
-    from alignpipe.models import model_fingerprint
-    from alignpipe.output import map_shards
+    from alignpipe.data.output import map_shards
+    from alignpipe.models.loading import model_fingerprint
 
     meta = {"policy": job.policy, "policy_fingerprint": model_fingerprint(job.folder), "iteration": iteration}
     timing = {"seconds": 0.0, "tokens": 0}

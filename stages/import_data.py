@@ -20,8 +20,8 @@ from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say
-from alignpipe.errors import UserError, first_line
+from alignpipe.core.command import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say
+from alignpipe.core.errors import UserError, first_line
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz")
 FORMATS = {  # name -> (required columns, output kind)
@@ -50,7 +50,7 @@ def read_table(path: Path):
     """Read a JSONL/JSON/Parquet/CSV file or a save_to_disk folder into a Dataset, with one-line errors."""
     from datasets import Dataset, load_from_disk
 
-    from alignpipe.io import dataset_from_rows
+    from alignpipe.data.io import dataset_from_rows
 
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
@@ -80,7 +80,7 @@ def load_source(source: str, *, data_files=None, subset=None, source_split=None)
     from datasets import load_dataset
     from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
-    from alignpipe import hub
+    from alignpipe.data import hub
 
     target, why = source, ""
     local = Path(source).exists() or source in _PACKAGED_DATASETS_MODULES
@@ -302,8 +302,8 @@ def run(source: str, out: Path, *, config: dict, format: str = "auto", column=No
         data_files=None, subset=None, source_split=None, force: bool = False) -> str:
     """The stage from source to disk; returns its summary line."""
     from alignpipe import schemas
-    from alignpipe.io import dataset_from_rows
-    from alignpipe.output import StageOutput
+    from alignpipe.data.io import dataset_from_rows
+    from alignpipe.data.output import StageOutput
 
     ds = _apply_mapping(read_source(source, data_files=data_files, subset=subset, source_split=source_split),
                         column, source)
@@ -330,7 +330,7 @@ def run(source: str, out: Path, *, config: dict, format: str = "auto", column=No
 
 def _inputs(source: str, data_files) -> list[Path]:
     """What the output depends on: the local source, the data files, or a Hub dataset's snapshot folder."""
-    from alignpipe import hub
+    from alignpipe.data import hub
 
     files = [Path(f) for f in data_files or [] if Path(f).exists()]
     if Path(source).exists():

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import handle_errors
-from alignpipe.errors import UserError
-from alignpipe.weights import weight_summary
+from alignpipe.core.command import handle_errors
+from alignpipe.core.errors import UserError
+from alignpipe.feedback.weights import weight_summary
 
 
 def _numeric_stats(values) -> dict:
@@ -61,7 +61,7 @@ def summarise(ds, kind: str | None) -> dict:
 
 def _verdict(path: Path, ds, kind: str | None) -> str:
     from alignpipe import schemas
-    from alignpipe.io import check_columns
+    from alignpipe.data.io import check_columns
 
     if kind is None:
         return "no alignpipe manifest: kind unknown (use `alignpipe import`)"
@@ -100,8 +100,8 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ):
     """Show kind, schema version, row count, per-column statistics, sample rows and validation verdict."""
-    from alignpipe.io import _load, kind_of
-    from alignpipe.manifest import read_manifest
+    from alignpipe.data.io import _load, kind_of
+    from alignpipe.data.manifest import read_manifest
 
     manifest = read_manifest(path) or {}
     if path.is_dir() and manifest and not (path / "dataset_info.json").exists():

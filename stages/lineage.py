@@ -15,15 +15,15 @@ from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import handle_errors
-from alignpipe.errors import UserError
+from alignpipe.core.command import handle_errors
+from alignpipe.core.errors import UserError
 
 
 @handle_errors
 def command(path: Annotated[Path, typer.Argument(help="A dataset or policy folder written by alignpipe.")],
             as_json: Annotated[bool, typer.Option("--json", help="Print the chain as JSON.")] = False):
     """The chain of stages (commands, configs, input fingerprints, rows, durations) that made an output."""
-    from alignpipe.lineage import lineage, to_json, to_text
+    from alignpipe.data.lineage import lineage, to_json, to_text
 
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")

@@ -18,9 +18,9 @@ from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import handle_errors, say
-from alignpipe.errors import UserError
-from alignpipe.manifest import read_manifest
+from alignpipe.core.command import handle_errors, say
+from alignpipe.core.errors import UserError
+from alignpipe.data.manifest import read_manifest
 
 
 def _iters(root: Path) -> list[int]:
@@ -28,7 +28,7 @@ def _iters(root: Path) -> list[int]:
 
 
 def _mean(path: Path, column: str) -> float | None:
-    from alignpipe.io import _load
+    from alignpipe.data.io import _load
 
     if not (path / "manifest.json").exists():
         return None
@@ -74,8 +74,8 @@ def _extra(folder: Path) -> dict:
 
 def _train_reward(annotations: Path) -> float | None:
     """Mean reward of the answers an iteration sampled for training (both answers of a pair)."""
-    from alignpipe.errors import UserError
-    from alignpipe.io import _load
+    from alignpipe.core.errors import UserError
+    from alignpipe.data.io import _load
 
     if not (annotations / "manifest.json").exists():
         return None
@@ -168,7 +168,7 @@ def command(run: Annotated[Path, typer.Argument(help="A run folder (runs/NAME) w
             seed: Annotated[int, typer.Option(help="Seed of the choice of those prompts.")] = 0):
     """A self-contained HTML report (answers side by side, weights, curves, lineage), PNG plots and a Markdown
     summary of a pipeline run."""
-    from alignpipe.report_html import render
+    from alignpipe.report.html import render
 
     if not run.is_dir():
         raise UserError(f"{run}: no such run folder")

@@ -3,9 +3,9 @@
     alignpipe reweight ANNOTATIONS --strategy margin:temperature=2 --strategy recency:decay=0.5 \\
         --combine product --clip 0.1,10 --normalize mean --drop-below 0.05 --out WEIGHTED
 
-The strategies, their formulas and the order of post-processing live in `alignpipe.weights`. This module
+The strategies, their formulas and the order of post-processing live in `alignpipe.feedback.weights`. This module
 holds the pure core (`reweight`: strategies -> combine -> clip -> normalise -> drop, plus the report) and
-the thin command; the importance strategy's forward pass is `alignpipe.logprobs.response_logps`.
+the thin command; the importance strategy's forward pass is `alignpipe.models.logprobs.response_logps`.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from typing import Annotated
 
 import typer
 
-from alignpipe import weights as W
-from alignpipe.cli_common import (
+from alignpipe.core.command import (
     ConfigOpt,
     ForceOpt,
     OutOpt,
@@ -26,7 +25,8 @@ from alignpipe.cli_common import (
     say,
     up_to_date_line,
 )
-from alignpipe.errors import UserError
+from alignpipe.core.errors import UserError
+from alignpipe.feedback import weights as W
 
 SHARD_ROWS = 512  # rows per checkpointed shard of the importance forward pass
 
@@ -49,7 +49,7 @@ def reweight(ds, specs: list, *, combine: str = "product", clip: tuple = (None, 
              where: str = "input"):
     """Pure core: annotations -> (weighted dataset, report).
 
-    `current` = (current_logp1, current_logp2) from `alignpipe.logprobs.response_logps`, needed by importance strategies.
+    `current` = (current_logp1, current_logp2) from `alignpipe.models.logprobs.response_logps`, needed by importance strategies.
     Report: ess / ess_fraction / weight_mean / weight_min / weight_max over the example weights of the kept
     rows (a pair's = mean of its two), dropped rows, and per strategy the mean, min, max and ESS of its
     per-response weights (`importance_ess` repeats the importance strategy's)."""
@@ -136,9 +136,9 @@ def _forward(so, ds, policy: str, *, device: str, dtype: str, batch_size: int) -
     """The importance forward pass over checkpointed shards (a killed run resumes)."""
     from datasets import Dataset, Features, Value
 
-    from alignpipe.logprobs import response_logps
-    from alignpipe.models import load_causal_lm, load_tokenizer
-    from alignpipe.output import map_shards
+    from alignpipe.data.output import map_shards
+    from alignpipe.models.loading import load_causal_lm, load_tokenizer
+    from alignpipe.models.logprobs import response_logps
 
     model = load_causal_lm(policy, dtype=dtype, device=device, what="importance policy")
     tok = load_tokenizer(policy)
@@ -183,9 +183,9 @@ def run(annotations: Path, out: Path, *, strategies: list[str], combine: str, cl
         drop_below: float | None, device: str, dtype: str, batch_size: int, config: dict, force: bool) -> str:
     """The stage around the core: parse and check, read, resumable importance forward, atomic output;
     returns the line to print."""
-    from alignpipe.io import read_input
-    from alignpipe.models import check_model_folder
-    from alignpipe.output import StageOutput
+    from alignpipe.data.io import read_input
+    from alignpipe.data.output import StageOutput
+    from alignpipe.models.loading import check_model_folder
 
     specs = [W.STRATEGIES.parse(s) for s in strategies]
     policies = _check_options(specs, combine, normalize, drop_below)

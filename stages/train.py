@@ -2,11 +2,11 @@
 
     alignpipe train BATCHES --policy MODEL --loss NAME[,key=value...] --out POLICY [--lora-r R] [--reference ...]
 
-`--loss dpo,beta=0.1`: a loss of the registry (`alignpipe.losses.LOSSES`, docs/components.md) with its
+`--loss dpo,beta=0.1`: a loss of the registry (`alignpipe.training.losses.LOSSES`, docs/components.md) with its
 hyperparameters; `--beta` is TRL's shorthand for `,beta=`. The loss decides the batches it needs (its `task`):
 sft, reward, pointwise (kto) or pairwise; one optimisation step reads one stored batch (`--grad-accum K`: K
-consecutive ones). A weight counts the same in every step (`--weight-normalization`, alignpipe.trainer).
-The core is `alignpipe.training.train`; this module is the command.
+consecutive ones). A weight counts the same in every step (`--weight-normalization`, alignpipe.training.loop).
+The core is `alignpipe.training.train.train`; this module is the command.
 Reference log-probs (losses that need them), `--reference`: auto = the batches' cached `response*_ref_logp`
 when every row has them, else the initial policy (a frozen copy; with LoRA, or an adapter --policy, the
 policy with its adapter disabled, so the base model); stored = insist on the cached values; policy = the
@@ -30,8 +30,8 @@ from typing import Annotated
 
 import typer
 
-from alignpipe.cli_common import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say
-from alignpipe.losses import LOSSES  # the table imports torch lazily: `--help` needs no torch
+from alignpipe.core.command import ConfigOpt, ForceOpt, OutOpt, handle_errors, resolved_config, say
+from alignpipe.training.losses import LOSSES  # the table imports torch lazily: `--help` needs no torch
 
 # how a run is carried out, not what it computes: left out of the config key, so changing them neither
 # discards checkpoints nor makes a finished output stale (they are in the manifest's report)
@@ -91,7 +91,7 @@ def command(
     force: ForceOpt = False,
 ):
     """Train the policy on batches with a loss of the registry; write the next policy folder."""
-    from alignpipe.training import TrainOptions, train
+    from alignpipe.training.train import TrainOptions, train
 
     opts = TrainOptions(**{k: v for k, v in ctx.params.items() if k in TrainOptions.__dataclass_fields__})
     opts.target_modules = list(target_modules or [])

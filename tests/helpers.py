@@ -133,7 +133,7 @@ def write_dataset(path: Path, kind: str, rows: list[dict], *, stage: str = "test
     from datasets import Dataset
 
     from alignpipe import schemas
-    from alignpipe.output import StageOutput
+    from alignpipe.data.output import StageOutput
 
     full = [full_row(kind, r) for r in rows]
     feats = features or schemas.features(kind)
@@ -194,7 +194,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def rows_of(path: Path) -> list[dict]:
     """The rows of a dataset folder written by alignpipe (parts concatenated)."""
-    from alignpipe.io import _load
+    from alignpipe.data.io import _load
 
     return _load(Path(path)).to_list()
 

@@ -26,7 +26,7 @@ def _write(path: Path, kind: str | None, rows: list[dict] | None, stage: str, ar
     from datasets import Dataset
 
     from alignpipe import schemas
-    from alignpipe.output import StageOutput
+    from alignpipe.data.output import StageOutput
 
     old, sys.argv = sys.argv, ["alignpipe", *map(str, argv)]
     try:

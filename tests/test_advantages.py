@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from alignpipe.advantages import ESTIMATORS, advantages, split_equal_groups
+from alignpipe.batches.advantages import ESTIMATORS, advantages, split_equal_groups
 
 S3 = math.sqrt(1 / 3)  # Bessel std of [1, 0, 0, 1]
 
@@ -81,8 +81,8 @@ def test_unknown_names_are_errors():
 
 
 def test_estimator_specs_parse_through_the_registry():
-    from alignpipe.advantages import estimator
-    from alignpipe.errors import UserError
+    from alignpipe.batches.advantages import estimator
+    from alignpipe.core.errors import UserError
 
     assert estimator("grpo,eps=0")([[1, 0, 0, 1]])[0] == pytest.approx([0.5 / S3, -0.5 / S3, -0.5 / S3, 0.5 / S3])
     assert estimator("rloo")([[1, 0, 0]]) == [[1.0, -0.5, -0.5]]

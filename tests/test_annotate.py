@@ -10,11 +10,11 @@ from alignpipe.stages.annotate import combined_preference, make_pairs
 from typer.testing import CliRunner
 
 from alignpipe import schemas
-from alignpipe.annotators import ANNOTATORS, Query, Runtime, Verdict, build, parse_spec, swap_average
 from alignpipe.cli import app
-from alignpipe.errors import UserError
-from alignpipe.io import read_input
-from alignpipe.manifest import read_manifest
+from alignpipe.core.errors import UserError
+from alignpipe.data.io import read_input
+from alignpipe.data.manifest import read_manifest
+from alignpipe.feedback.annotators import ANNOTATORS, Query, Runtime, Verdict, build, parse_spec, swap_average
 
 runner = CliRunner()
 
@@ -33,7 +33,7 @@ def write_generations(path, responses=RESPONSES, extra_rows=()):
     """A generations dataset as `alignpipe generate` writes it (kind, manifest, schema)."""
     from datasets import Dataset
 
-    from alignpipe.output import StageOutput
+    from alignpipe.data.output import StageOutput
 
     rows = [{"prompt_id": pid, "prompt": f"Question {pid}?", "messages": [], "reference": None,
              "sample_index": j, "response": r, "num_tokens": len(r.split()), "finish_reason": "eos",

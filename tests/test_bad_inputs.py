@@ -267,7 +267,7 @@ def user_function(c: Ctx, body: str) -> str:
 
 def hold_lock(c: Ctx) -> Path:
     """Lock OUT as a live writer would (this process holds the kernel lock, the test releases it)."""
-    from alignpipe.output import Lock
+    from alignpipe.data.output import Lock
 
     lock = Lock(c.out)
     lock.acquire()
@@ -309,7 +309,7 @@ def _http_abstained(reason: str):
 
 # -------------------------------------------------------------------------------------------- the table
 CASES = [
-    # -- datasets at the boundary (every stage reads through alignpipe.io.read_input)
+    # -- datasets at the boundary (every stage reads through alignpipe.data.io.read_input)
     Case("missing-column", "generations without the `response` column", "annotate",
          lambda c: annotate(c, missing_column(c)),
          "error: IN: missing column 'response' (expected string; generations datasets are written by "
@@ -577,9 +577,9 @@ def test_bad_input(case, data, server, tmp_path, tiny_lm_dir, tiny_rm_dir, tiny_
 
 
 def test_debug_shows_the_traceback(data, tmp_path, monkeypatch):
-    from alignpipe import cli_common
+    from alignpipe.core import command
 
-    monkeypatch.setitem(cli_common.DEBUG, "on", False)  # --debug sets it for the process: restored after
+    monkeypatch.setitem(command.DEBUG, "on", False)  # --debug sets it for the process: restored after
     result = cli("--debug", "annotate", tmp_path / "nope", "-a", "length", "--out", tmp_path / "o")
     assert result.exit_code != 0 and isinstance(result.exception, Exception)
     assert "no such file or folder" in str(result.exception)

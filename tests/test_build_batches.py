@@ -12,14 +12,15 @@ import torch
 from datasets import Dataset
 from typer.testing import CliRunner
 
-from alignpipe import batching, schemas, tasks
+from alignpipe import schemas
+from alignpipe.batches import tasks, tokenise
 from alignpipe.cli import app
-from alignpipe.io import read_input
-from alignpipe.logprobs import collate
-from alignpipe.manifest import read_manifest
-from alignpipe.models import load_tokenizer
-from alignpipe.output import StageOutput
-from alignpipe.prompting import encode
+from alignpipe.data.io import read_input
+from alignpipe.data.manifest import read_manifest
+from alignpipe.data.output import StageOutput
+from alignpipe.models.loading import load_tokenizer
+from alignpipe.models.logprobs import collate
+from alignpipe.models.prompting import encode
 from alignpipe.testing import logp_tolerance
 
 runner = CliRunner()
@@ -111,7 +112,7 @@ def data(tmp_path_factory):
 def test_truncation_at_every_boundary_and_no_loss_on_prompt(plen, rlen):
     max_length, max_prompt = 8, 5
     prompt, response = list(range(10, 10 + plen)), list(range(50, 50 + rlen))
-    p, (r,), cut_p, (cut_r,) = batching.truncate(prompt, [response], max_length, max_prompt)
+    p, (r,), cut_p, (cut_r,) = tokenise.truncate(prompt, [response], max_length, max_prompt)
     assert p == prompt[-max_prompt:] and cut_p == (plen > max_prompt)  # left cut keeps the prompt's end
     assert r == response[: max_length - len(p)] and cut_r == (len(p) + rlen > max_length)
     assert len(p) + len(r) <= max_length and len(r) >= 1
@@ -126,16 +127,16 @@ def test_truncation_at_every_boundary_and_no_loss_on_prompt(plen, rlen):
 
 def test_bad_length_limits():
     with pytest.raises(Exception, match="--max-prompt-length 8 must be >= 1 and below --max-length 8"):
-        batching.check_lengths(8, 8)
+        tokenise.check_lengths(8, 8)
 
 
 def test_chat_template_rendering_and_end_token(tok, tiny_lm_notemplate_dir):
-    assert batching.turn_end_id(tok) == IM_END
-    assert batching.turn_end_id(load_tokenizer(tiny_lm_notemplate_dir)) is None
+    assert tokenise.turn_end_id(tok) == IM_END
+    assert tokenise.turn_end_id(load_tokenizer(tiny_lm_notemplate_dir)) is None
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
     exs = [{"prompt_id": "a", "prompt": "Hi there", "messages": [], "response1": "Hello!"},
            {"prompt_id": "b", "prompt": "Hello", "messages": conv, "response1": "Hi."}]
-    out = batching.tokenise([dict(e) for e in exs], tok, num_responses=1, max_length=64, max_prompt_length=32,
+    out = tokenise.tokenise([dict(e) for e in exs], tok, num_responses=1, max_length=64, max_prompt_length=32,
                             use_chat_template=True, counts=Counter())
     assert out[0]["prompt"] == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
     assert out[0]["prompt_input_ids"] == encode(tok, out[0]["prompt"])
@@ -146,7 +147,7 @@ def test_chat_template_rendering_and_end_token(tok, tiny_lm_notemplate_dir):
     assert tok.decode(out[0]["prompt_input_ids"] + out[0]["response1_input_ids"]) == full.rstrip("\n")
     assert out[1]["prompt"] == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n" \
                                "<|im_start|>assistant\n"
-    raw = batching.tokenise([dict(e) for e in exs], tok, num_responses=1, max_length=64, max_prompt_length=32,
+    raw = tokenise.tokenise([dict(e) for e in exs], tok, num_responses=1, max_length=64, max_prompt_length=32,
                             use_chat_template=False, counts=Counter())
     assert raw[0]["prompt"] == "Hi there" and raw[0]["prompt_input_ids"] == encode(tok, "Hi there")
     assert raw[0]["response1_input_ids"] == encode(tok, "Hello!") + [EOS]
@@ -242,26 +243,26 @@ def _varied_lengths(n=400, seed=0, pairs=True):
 
 def test_batches_cover_every_example_once_and_are_seeded():
     lengths = _varied_lengths(101)
-    batches = batching.make_batches(lengths, batch_size=8, seed=1)
+    batches = tokenise.make_batches(lengths, batch_size=8, seed=1)
     assert sorted(i for b in batches for i in b) == list(range(101))
     assert sorted(len(b) for b in batches) == [5] + [8] * 12
-    assert batching.padded_tokens(batches[0], lengths) == max(batching.padded_tokens(b, lengths) for b in batches)
-    assert batches == batching.make_batches(lengths, batch_size=8, seed=1)
-    assert batches != batching.make_batches(lengths, batch_size=8, seed=2)
+    assert tokenise.padded_tokens(batches[0], lengths) == max(tokenise.padded_tokens(b, lengths) for b in batches)
+    assert batches == tokenise.make_batches(lengths, batch_size=8, seed=1)
+    assert batches != tokenise.make_batches(lengths, batch_size=8, seed=2)
 
 
 def test_token_budget():
     lengths = _varied_lengths(200) + [[900, 950]]  # one example alone exceeds the budget
-    batches = batching.make_batches(lengths, max_tokens=1024, seed=0)
+    batches = tokenise.make_batches(lengths, max_tokens=1024, seed=0)
     assert sorted(i for b in batches for i in b) == list(range(201))
     assert [200] in batches
-    assert all(batching.padded_tokens(b, lengths) <= 1024 for b in batches if b != [200])
+    assert all(tokenise.padded_tokens(b, lengths) <= 1024 for b in batches if b != [200])
 
 
 def test_padding_fraction_exact():
-    assert batching.padding_fraction([[0, 1]], [[2], [4]]) == 0.25
-    assert batching.padding_fraction([[0], [1]], [[2], [4]]) == 0.0
-    assert batching.padding_fraction([[0]], [[3, 5]]) == pytest.approx(0.2)  # a pair pads both sequences to 5
+    assert tokenise.padding_fraction([[0, 1]], [[2], [4]]) == 0.25
+    assert tokenise.padding_fraction([[0], [1]], [[2], [4]]) == 0.0
+    assert tokenise.padding_fraction([[0]], [[3, 5]]) == pytest.approx(0.2)  # a pair pads both sequences to 5
 
 
 @pytest.mark.parametrize("pairs, figures", [(False, (0.0159, 0.4298)), (True, (0.2657, 0.4692))])
@@ -269,25 +270,25 @@ def test_length_grouping_cuts_padding(pairs, figures):
     """400 examples, lengths uniform in [5, 200], batches of 8: one sequence (sft) or two (a pair, whose
     shorter sequence is always padded to the longer: ~0.24 of the tokens even when perfectly grouped)."""
     lengths = _varied_lengths(400, pairs=pairs)
-    grouped = batching.make_batches(lengths, batch_size=8, seed=0)
-    baseline = batching.random_batches([len(b) for b in grouped], seed=0)
-    g, r = batching.padding_fraction(grouped, lengths), batching.padding_fraction(baseline, lengths)
+    grouped = tokenise.make_batches(lengths, batch_size=8, seed=0)
+    baseline = tokenise.random_batches([len(b) for b in grouped], seed=0)
+    g, r = tokenise.padding_fraction(grouped, lengths), tokenise.padding_fraction(baseline, lengths)
     assert (round(g, 4), round(r, 4)) == figures and g < r
-    ungrouped = batching.make_batches(lengths, batch_size=8, group_by_length=False)
-    assert batching.padding_fraction(ungrouped, lengths) > 0.4
+    ungrouped = tokenise.make_batches(lengths, batch_size=8, group_by_length=False)
+    assert tokenise.padding_fraction(ungrouped, lengths) > 0.4
 
 
 def test_mix_counts_and_ids():
-    assert batching.mix_counts([10, 6, 4], [0.5, 0.3, 0.2], None) == [10, 6, 4]
-    assert batching.mix_counts([10, 10, 10], [0.5, 0.3, 0.2], None) == [10, 6, 4]
-    assert batching.mix_counts([10, 10, 10], [0.5, 0.3, 0.2], 30) == [15, 9, 6]
-    assert batching.mix_counts([3, 3], [1 / 3, 2 / 3], 4) == [1, 3]
+    assert tokenise.mix_counts([10, 6, 4], [0.5, 0.3, 0.2], None) == [10, 6, 4]
+    assert tokenise.mix_counts([10, 10, 10], [0.5, 0.3, 0.2], None) == [10, 6, 4]
+    assert tokenise.mix_counts([10, 10, 10], [0.5, 0.3, 0.2], 30) == [15, 9, 6]
+    assert tokenise.mix_counts([3, 3], [1 / 3, 2 / 3], 4) == [1, 3]
     parts = [[{"example_id": f"a{i}"} for i in range(2)], [{"example_id": f"b{i}"} for i in range(4)]]
-    out, taken = batching.mix(parts, [0.5, 0.5], 6, seed=0)
+    out, taken = tokenise.mix(parts, [0.5, 0.5], 6, seed=0)
     assert taken == [3, 3] and len({e["example_id"] for e in out}) == 6
     assert {e["example_id"] for e in out[:2]} == {"a0@0", "a1@0"} and out[2]["example_id"].endswith("@0#r1")
     with pytest.raises(Exception, match="--mix '0.5': expected 2 comma-separated proportions"):
-        batching.parse_mix("0.5", 2)
+        tokenise.parse_mix("0.5", 2)
 
 
 # ----------------------------------------------------------------------------------------- the command

@@ -17,7 +17,7 @@ PROBE = "import torch; print(torch.cuda.is_available(), torch.cuda.device_count(
 
 
 def test_a_plain_test_is_pinned_to_the_cpu(pinned_device):
-    from alignpipe.models import resolve_device
+    from alignpipe.models.loading import resolve_device
     from stages.generate import resolve_batch_size
 
     assert pinned_device == "cpu"
@@ -78,7 +78,7 @@ def test_gpu_tests_run_where_cuda_is_present_and_insist_when_asked():
         assert "ALIGNPIPE_TEST_DEVICE=cuda but no CUDA device is present" in insist.stdout
 
 
-# ------------------------------------------------------------------ processes and GPUs (alignpipe.devices)
+# ------------------------------------------------------------------ processes and GPUs (alignpipe.training.devices)
 @pytest.mark.parametrize("device, local_rank, world, count, expected", [
     ("cpu", 1, 2, 1, "cpu"),  # a CPU run is a CPU run whatever GPUs the machine has
     ("cuda", 0, 1, 1, "cuda:0"),
@@ -89,8 +89,8 @@ def test_gpu_tests_run_where_cuda_is_present_and_insist_when_asked():
     ("cuda:3", 0, 1, 2, "--device cuda:3: no such CUDA device (2 visible)"),
 ])
 def test_process_device_one_gpu_per_process_or_one_line(device, local_rank, world, count, expected):
-    from alignpipe.devices import process_device
-    from alignpipe.errors import UserError
+    from alignpipe.core.errors import UserError
+    from alignpipe.training.devices import process_device
 
     if expected.startswith(("cpu", "cuda")):
         assert process_device(device, local_rank, world, count) == expected

@@ -7,9 +7,9 @@ import math
 import pytest
 from helpers import assert_clean_failure, cli, manifest, ok, prompt, rows_of, write_dataset
 
-from alignpipe.logprobs import score_responses
-from alignpipe.models import load_causal_lm, load_tokenizer
-from alignpipe.prompting import encode, render_prompt
+from alignpipe.models.loading import load_causal_lm, load_tokenizer
+from alignpipe.models.logprobs import score_responses
+from alignpipe.models.prompting import encode, render_prompt
 
 
 @pytest.fixture(scope="module")

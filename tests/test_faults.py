@@ -279,8 +279,8 @@ def test_lock_files_of_dead_writers_are_taken_over(tmp_path):
 _RACE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from alignpipe.errors import LockedError
-    from alignpipe.output import Lock
+    from alignpipe.core.errors import LockedError
+    from alignpipe.data.output import Lock
     target, start = Path(sys.argv[1]), float(sys.argv[2])
     while time.time() < start:
         pass

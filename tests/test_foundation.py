@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from alignpipe import schemas
 from alignpipe.cli import app
-from alignpipe.errors import LockedError, UserError
-from alignpipe.io import read_input
-from alignpipe.output import StageOutput, map_shards
+from alignpipe.core.errors import LockedError, UserError
+from alignpipe.data.io import read_input
+from alignpipe.data.output import StageOutput, map_shards
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,9 +179,8 @@ def test_config_file_sets_options_flags_override_and_errors(tmp_path):
 def test_lock_refuses_second_writer_and_recovers_stale(tmp_path):
     out = tmp_path / "o"
     a = StageOutput(out, stage="t", kind=None, config={}, inputs=[])
-    with a:
-        with pytest.raises(LockedError, match=f"locked by pid {os.getpid()}"):
-            StageOutput(out, stage="t", kind=None, config={}, inputs=[]).__enter__()
+    with a, pytest.raises(LockedError, match=f"locked by pid {os.getpid()}"):
+        StageOutput(out, stage="t", kind=None, config={}, inputs=[]).__enter__()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / ".o.lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
@@ -208,7 +207,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 _SHARD_SCRIPT = textwrap.dedent("""
     import sys, time
     from datasets import Dataset
-    from alignpipe.output import StageOutput, map_shards
+    from alignpipe.data.output import StageOutput, map_shards
     out, delay = sys.argv[1], float(sys.argv[2])
     ds = Dataset.from_list([{"prompt_id": f"p{i}", "prompt": f"q{i}", "messages": [], "reference": None,
                              "split": "train"} for i in range(40)])

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from alignpipe import schemas
 from alignpipe.cli import app
-from alignpipe.io import read_input
-from alignpipe.logprobs import score_responses
-from alignpipe.manifest import read_manifest
-from alignpipe.models import load_causal_lm, load_tokenizer, model_fingerprint
-from alignpipe.sampling import Sampler, SamplingParams, cut_at_stop, eos_token_ids
+from alignpipe.data.io import read_input
+from alignpipe.data.manifest import read_manifest
+from alignpipe.models.loading import load_causal_lm, load_tokenizer, model_fingerprint
+from alignpipe.models.logprobs import score_responses
+from alignpipe.sampling.engine import Sampler, SamplingParams, cut_at_stop, eos_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -34,7 +34,7 @@ def write_prompts(path: Path, rows: list[dict]) -> Path:
     """A prompts dataset as `alignpipe import` writes it."""
     from datasets import Dataset
 
-    from alignpipe.output import StageOutput
+    from alignpipe.data.output import StageOutput
 
     full = [{"prompt_id": f"p{i}", "messages": [], "reference": None, "split": "train", **r}
             for i, r in enumerate(rows)]

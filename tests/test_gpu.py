@@ -19,7 +19,7 @@ from helpers import ok
 from safetensors.torch import load_file
 from test_train import losses_of, pairs, task_examples, write_batches
 
-from alignpipe.io import read_input
+from alignpipe.data.io import read_input
 from alignpipe.testing import logp_tolerance
 
 pytestmark = pytest.mark.gpu
@@ -77,9 +77,9 @@ def test_train_steps_on_cuda_match_the_cpu(dtype, tmp_path, tiny_lm_dir):
 def test_generate_on_cuda_logps_match_a_cpu_forward(dtype, data, tmp_path, tiny_lm_dir):
     """Sampling on CUDA draws other tokens than on the CPU (other rounding of near-uniform logits), so the check
     is that each sampled row's behaviour log-prob is its tokens' log-prob under a float32 CPU forward."""
-    from alignpipe.logprobs import score_responses
-    from alignpipe.models import load_causal_lm, load_tokenizer
-    from alignpipe.prompting import encode, render_prompt
+    from alignpipe.models.loading import load_causal_lm, load_tokenizer
+    from alignpipe.models.logprobs import score_responses
+    from alignpipe.models.prompting import encode, render_prompt
 
     ok("generate", data["prompts"], "--policy", tiny_lm_dir, "--num-samples", 2, "--max-new-tokens", 16,
        "--dtype", dtype, "--device", "cuda", "--batch-size", 2, "--out", tmp_path / "g")

@@ -12,11 +12,11 @@ import pytest
 from test_annotate import write_generations
 from typer.testing import CliRunner
 
-from alignpipe.annotators import Query, Runtime, build, parse_spec
-from alignpipe.annotators.http_judge import Abstain, parse_verdict
 from alignpipe.cli import app
-from alignpipe.errors import UserError
-from alignpipe.io import read_input
+from alignpipe.core.errors import UserError
+from alignpipe.data.io import read_input
+from alignpipe.feedback.annotators import Query, Runtime, build, parse_spec
+from alignpipe.feedback.annotators.http_judge import Abstain, parse_verdict
 
 SECRET = "sk-test-0123456789abcdef"
 TEMPLATE = "Request: {prompt}\nA: {response_a}\nB: {response_b}\nWhich is shorter? {label_a} or {label_b}?"

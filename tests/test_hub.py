@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from helpers import cli, ok, write_dataset
 
-from alignpipe import hub
-from alignpipe.errors import UserError
-from alignpipe.io import read_input
-from alignpipe.manifest import read_manifest
-from alignpipe.models import (
+from alignpipe.core.errors import UserError
+from alignpipe.data import hub
+from alignpipe.data.hub import hub_commit
+from alignpipe.data.io import read_input
+from alignpipe.data.manifest import read_manifest
+from alignpipe.models.loading import (
     check_model_folder,
-    hub_commit,
     local_folder,
     model_fingerprint,
     with_revision,

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from alignpipe.cli import app
-from alignpipe.io import read_input
+from alignpipe.data.io import read_input
 
 runner = CliRunner()
 
@@ -154,7 +154,7 @@ def test_builder_name_with_data_files(tmp_path):
     assert result.exit_code == 0, result.output
     ds, _ = read_input(tmp_path / "out", "prompts", stage="test")
     assert ds["prompt_id"] == [r["prompt_id"] for r in PROMPT_ROWS]
-    from alignpipe.manifest import read_manifest
+    from alignpipe.data.manifest import read_manifest
 
     assert [Path(i["path"]).name for i in read_manifest(tmp_path / "out")["inputs"]] == ["a.jsonl", "b.jsonl"]
 
@@ -178,8 +178,8 @@ def test_parquet_builder_and_a_folder_of_data_files(tmp_path):
 
 
 def test_hub_dataset_id_from_the_cache(tmp_path, monkeypatch):
-    from alignpipe import hub
-    from alignpipe.manifest import read_manifest
+    from alignpipe.data import hub
+    from alignpipe.data.manifest import read_manifest
 
     src = tmp_path / "repo"
     (src / "data").mkdir(parents=True)

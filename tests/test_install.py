@@ -39,7 +39,7 @@ def test_wheel_holds_only_alignpipe(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"alignpipe", wheel.name.split("-py3")[0] + ".dist-info"}
     for needed in ("alignpipe/stages/generate.py", "alignpipe/stages/import_data.py", "alignpipe/schemas/__init__.py",
-                   "alignpipe/annotators/judge.py", "alignpipe/pipelines/online.mk",
+                   "alignpipe/feedback/annotators/judge.py", "alignpipe/pipelines/online.mk",
                    "alignpipe/pipelines/data/prompts.jsonl", "alignpipe/pipelines/templates/pairwise-helpfulness.txt",
                    "alignpipe/pipelines/accelerate/ddp.yaml"):
         assert needed in names, needed
@@ -50,7 +50,7 @@ def test_wheel_holds_only_alignpipe(wheel):
 CHECK = """
 import importlib, json, pkgutil, sys
 import alignpipe, alignpipe.stages, alignpipe.schemas
-from alignpipe.annotators import TEMPLATE_DIR
+from alignpipe.feedback.annotators import TEMPLATE_DIR
 mods = [m.name for m in pkgutil.iter_modules(alignpipe.stages.__path__, "alignpipe.stages.")]
 for m in mods:
     importlib.import_module(m)

@@ -12,8 +12,9 @@ from pathlib import Path
 from helpers import child_env, cli, manifest, ok, run_child, write_jsonl
 from report_fixtures import make_run
 
-from alignpipe.lineage import lineage, sources, stages
-from alignpipe.manifest import command_argv, register_secret, scrub_argv
+from alignpipe.core.secrets import register_secret, scrub_argv
+from alignpipe.data.lineage import lineage, sources, stages
+from alignpipe.data.manifest import command_argv
 
 
 def test_chain_of_a_policy_back_to_import(tmp_path):

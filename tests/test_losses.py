@@ -1,4 +1,4 @@
-"""alignpipe.losses: hand-computed values, paper-formula re-implementations, properties over the table."""
+"""alignpipe.training.losses: hand-computed values, paper-formula re-implementations, properties over the table."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 
-from alignpipe.losses import LOSSES, LossInputs, compute_loss, hyperparameters, weighted_mean, weighted_sum
+from alignpipe.training.losses import (
+    LOSSES,
+    LossInputs,
+    compute_loss,
+    hyperparameters,
+    weighted_mean,
+    weighted_sum,
+)
 
 D = torch.float64
 
@@ -164,7 +171,7 @@ def _pointwise_inputs(fields):
 
 def loss_inputs(name, fields):
     """LossInputs, or TokenInputs for the group task, from rand_fields-style fields."""
-    from alignpipe.policy_gradient import TokenInputs
+    from alignpipe.training.policy_gradient import TokenInputs
 
     if LOSSES[name].task == "group":
         return TokenInputs(logp=fields["tok_logp"], behaviour_logp=fields["tok_logp"].detach() + fields["tok_shift"],

@@ -52,7 +52,7 @@ def test_make_targets_exist():
 
 @pytest.fixture
 def scratch(tmp_path, tiny_lm_dir) -> tuple[Path, dict]:
-    from alignpipe import hub
+    from alignpipe.data import hub
 
     hub.put(tiny_lm_dir, SMOLLM2, cache=tmp_path / "hub")
     work = tmp_path / "work"
@@ -69,7 +69,7 @@ def scratch(tmp_path, tiny_lm_dir) -> tuple[Path, dict]:
 
 
 def test_bash_blocks_run_as_written(scratch):
-    from alignpipe import hub
+    from alignpipe.data import hub
 
     work, env = scratch
     runnable = [b for b in blocks() if b["lang"] == "bash" and b["mark"] is None]
@@ -83,7 +83,7 @@ def test_bash_blocks_run_as_written(scratch):
     assert hub.snapshot_info(next((Path(env["HF_HUB_CACHE"])).rglob(commit))) == (SMOLLM2, commit)
     for k in range(2):
         assert (work / f"runs/my/iter-{k}/policy/manifest.json").is_file()
-    from alignpipe.io import read_input
+    from alignpipe.data.io import read_input
 
     gens, _ = read_input(work / "runs/my/iter-0/generations", "generations", stage="test")
     assert set(gens["policy"]) == {SMOLLM2} and set(gens["policy_fingerprint"]) == {commit}

@@ -12,9 +12,9 @@ import torch
 from helpers import cli, ok
 from test_train import losses_of, make_batches, pairs
 
-from alignpipe import logprobs
-from alignpipe import train_data as td
-from alignpipe.manifest import read_manifest
+from alignpipe.data.manifest import read_manifest
+from alignpipe.models import logprobs
+from alignpipe.training import micro_batches as td
 
 # prompts and answers of varied lengths, so batches are padded and shards cut batches
 PREFERENCE = [{"prompt": f"Question {i}: " + "why " * (i % 5), "chosen": "Because " + "it is so. " * (1 + i % 3),
@@ -80,7 +80,7 @@ def test_the_reference_pass_resumes_to_the_same_values_when_shards_cut_batches(p
     """Shards of 4 rows over batches of 3 pairs: a cut batch is computed whole in both shards."""
     a = _batches(pref, tmp_path / "a", tiny_lm_dir, "bfloat16")
     b = _batches(pref, tmp_path / "b", tiny_lm_dir, "bfloat16", "--shard-size", 1000)
-    from alignpipe.io import read_input
+    from alignpipe.data.io import read_input
 
     ra, rb = (read_input(x, "batches-pairwise", stage="t")[0].to_list() for x in (a, b))
     assert ra == rb

@@ -10,8 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from alignpipe.cli import app
-from alignpipe.errors import UserError
-from alignpipe.registry import REQUIRED, Param, Registry, all_registries, load_function, markdown
+from alignpipe.components import all_registries, markdown
+from alignpipe.core.errors import UserError
+from alignpipe.core.registry import REQUIRED, Param, Registry, load_function
 
 RUNNER = CliRunner()
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "components.md"
@@ -22,7 +23,7 @@ COMPONENTS = [(kind, name) for kind, reg in REGISTRIES.items() for name in reg]
 # --------------------------------------------------------------------- a new loss: one function, one row
 def hinge_loss(x, *, margin: float = 1.0, scale: float = 2.0):
     """Test-only hinge on the policy log-ratio margin: l_i = scale * max(0, margin - (logp1_i - logp2_i))."""
-    from alignpipe.losses import _pair_metrics, _result
+    from alignpipe.training.losses import _pair_metrics, _result
 
     per = scale * torch.clamp_min(margin - (x.logp1 - x.logp2), 0.0)
     return _result(per, x, _pair_metrics(x, x.logp1, x.logp2))
@@ -30,7 +31,7 @@ def hinge_loss(x, *, margin: float = 1.0, scale: float = 2.0):
 
 @pytest.fixture
 def hinge():
-    from alignpipe.losses import LOSSES
+    from alignpipe.training.losses import LOSSES
 
     LOSSES.add("test-hinge", hinge_loss, task="pairwise", needs_reference=False, paper="a test",
                monotone_in_logp1=True, docs={"margin": "hinge margin", "scale": "multiplier"})
@@ -43,7 +44,7 @@ def test_a_new_loss_is_one_function_and_one_row(hinge, tmp_path, tiny_lm_dir):
     and trained on by `alignpipe train`."""
     from test_train import losses_of, pairs, write_batches
 
-    from alignpipe.losses import LossInputs, compute_loss
+    from alignpipe.training.losses import LossInputs, compute_loss
 
     spec = hinge.parse("test-hinge,margin=0.5")
     assert spec.kwargs == {"margin": 0.5, "scale": 2.0} and spec.identity() == "test-hinge,margin=0.5"
@@ -75,7 +76,7 @@ def toy():
     reg.add("plain", fn, arg="alpha", docs={"alpha": "scale"})
     reg.add("free", needs, arg="path", free_arg=True)
     yield reg
-    from alignpipe.registry import REGISTRIES
+    from alignpipe.core.registry import REGISTRIES
 
     REGISTRIES.pop("toy")
 
@@ -150,7 +151,7 @@ def test_every_registry_has_a_flag_and_docs(kind):
 
 
 def test_the_estimator_slot_exists_and_parses_what_is_registered():
-    from alignpipe.registry import ESTIMATORS
+    from alignpipe.core.registry import ESTIMATORS
 
     assert ESTIMATORS.kind == "advantage estimator"
     with pytest.raises(UserError, match="unknown advantage estimator 'nope'"):
@@ -158,13 +159,13 @@ def test_the_estimator_slot_exists_and_parses_what_is_registered():
 
 
 def test_docs_are_generated_from_the_registries():
-    """docs/components.md == `python -m alignpipe.registry` (regenerate it after adding a component)."""
-    assert DOCS.read_text() == markdown(), "run: python -m alignpipe.registry > docs/components.md"
+    """docs/components.md == `python -m alignpipe.core.registry` (regenerate it after adding a component)."""
+    assert DOCS.read_text() == markdown(), "run: python -m alignpipe.components > docs/components.md"
 
 
 # ------------------------------------------------------------------------------ one load_function
 def test_one_load_function(tmp_path, monkeypatch):
-    from alignpipe import annotators, weights
+    from alignpipe.feedback import annotators, weights
 
     assert annotators.load_function is load_function and weights.load_function is load_function
     (tmp_path / "userfns_xyz.py").write_text("def f(t):\n    return 1\nX = 3\n")
@@ -179,7 +180,7 @@ def test_one_load_function(tmp_path, monkeypatch):
 def test_pairing_is_one_implementation_with_one_tie_rule():
     """annotate's make_pairs and build-batches' pairing call the same functions; among equal rewards the
     first is best and the last is worst."""
-    from alignpipe.pairing import PAIRINGS, pairs
+    from alignpipe.feedback.pairing import PAIRINGS, pairs
 
     assert pairs("best-worst", [1.0, 3.0, 3.0, 0.0, 0.0], 0, "p") == [(1, 4)]
     assert pairs("best-worst", [2.0, 2.0, 2.0], 0, "p") == [(0, 2)]

@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 from helpers import cli, ok
 from report_fixtures import PAYLOAD, make_run
 
-from alignpipe.report_html import CSP, text
+from alignpipe.report.html import CSP, text
 
 
 class Tags(HTMLParser):

@@ -12,11 +12,11 @@ from alignpipe.stages.reweight import reweight
 from typer.testing import CliRunner
 
 from alignpipe import schemas
-from alignpipe import weights as W
 from alignpipe.cli import app
-from alignpipe.errors import UserError
-from alignpipe.io import read_input
-from alignpipe.output import StageOutput
+from alignpipe.core.errors import UserError
+from alignpipe.data.io import read_input
+from alignpipe.data.output import StageOutput
+from alignpipe.feedback import weights as W
 
 runner = CliRunner()
 
@@ -446,8 +446,8 @@ def test_editing_the_user_function_makes_the_output_out_of_date(tmp_path, monkey
 def test_command_importance_with_the_tiny_policy(tmp_path, tiny_lm_dir):
     import torch
 
-    from alignpipe.models import load_causal_lm, load_tokenizer
-    from alignpipe.prompting import encode, render_prompt
+    from alignpipe.models.loading import load_causal_lm, load_tokenizer
+    from alignpipe.models.prompting import encode, render_prompt
 
     tok, model = load_tokenizer(tiny_lm_dir), load_causal_lm(tiny_lm_dir)
 

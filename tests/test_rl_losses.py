@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from alignpipe.errors import UserError
-from alignpipe.policy_gradient import PG_LOSSES, TokenInputs, batch_loss, clipped_pg
+from alignpipe.core.errors import UserError
+from alignpipe.training.losses import PG_LOSSES
+from alignpipe.training.policy_gradient import TokenInputs, batch_loss, clipped_pg
 
 L2 = math.log(2.0)
 

@@ -37,7 +37,7 @@ def _contents(run: Path) -> dict[str, object]:
     fingerprint, which hashes the run's manifest, left out), adapter weights rounded to 5 decimals."""
     from safetensors.torch import load_file
 
-    from alignpipe.io import _load
+    from alignpipe.data.io import _load
 
     out = {}
     for m in sorted(run.rglob("manifest.json")):

@@ -22,7 +22,7 @@ def run(*args):
 
 
 def load(path):
-    from alignpipe.io import _load
+    from alignpipe.data.io import _load
 
     return _load(Path(path))
 

@@ -1,4 +1,4 @@
-"""The static-cache decode path (alignpipe.static_decode) against the dynamic one (alignpipe.sampling.Sampler):
+"""The static-cache decode path (alignpipe.sampling.static_decode) against the dynamic one (alignpipe.sampling.engine.Sampler):
 same tokens, texts and finish reasons, log-probs within float rounding, every decode step of the same shapes
 on the same buffers (what a CUDA graph needs)."""
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignpipe.models import load_causal_lm, load_tokenizer
-from alignpipe.sampling import Sampler, SamplingParams
-from alignpipe.static_decode import StaticSampler, static_sampler_or_none
+from alignpipe.models.loading import load_causal_lm, load_tokenizer
+from alignpipe.sampling.engine import Sampler, SamplingParams
+from alignpipe.sampling.static_decode import StaticSampler, static_sampler_or_none
 from alignpipe.testing import logp_tolerance
 
 QUESTIONS = ["Explain the for statement.", "What is a list?", "Hi",

@@ -54,10 +54,10 @@ def host_reads():
 
 
 def _run(model_dir, loss: str, ds, rule: str):
-    from alignpipe import trainer as tr
-    from alignpipe.checkpoint import frozen_copy, load_policy
-    from alignpipe.losses import LOSSES
-    from alignpipe.train_data import batch_groups, dataset_scale
+    from alignpipe.training import loop as tr
+    from alignpipe.training.checkpoint import frozen_copy, load_policy
+    from alignpipe.training.losses import LOSSES
+    from alignpipe.training.micro_batches import batch_groups, dataset_scale
 
     task = LOSSES[loss].task
     module, tok = load_policy(model_dir, task)
@@ -74,8 +74,8 @@ def _run(model_dir, loss: str, ds, rule: str):
 def test_one_host_read_per_step_with_gradient_accumulation(loss, rule, tiny_lm_dir, tiny_rm_dir):
     """Two steps of two stored batches each (--grad-accum 2): the second step (past any first-call set-up)
     makes at most SYNCS_PER_STEP host reads from alignpipe's code."""
-    from alignpipe import trainer as tr
-    from alignpipe.losses import LOSSES
+    from alignpipe.training import loop as tr
+    from alignpipe.training.losses import LOSSES
 
     task = LOSSES[loss].task
     ds = make_batches(task, task_examples(task, 8), tiny_lm_dir, batch_size=2)
@@ -97,7 +97,7 @@ def test_the_counter_sees_host_reads():
 
 def test_weights_are_read_without_a_host_read(tiny_lm_dir):
     """Collating a step computes its weight, example and token totals from the lists, not from tensors."""
-    from alignpipe.train_data import batch_groups, micro_batches
+    from alignpipe.training.micro_batches import batch_groups, micro_batches
 
     ds = make_batches("pairwise", [{**e, "w1": 1.0, "w2": 0.5} for e in pairs(4)], tiny_lm_dir, batch_size=2)
     with host_reads() as counts:

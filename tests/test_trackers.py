@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe.errors import UserError
-from alignpipe.metrics import MetricsLog, read_metrics
-from alignpipe.trackers import mlflow_name, parse, run_name
+from alignpipe.core.errors import UserError
+from alignpipe.training.metrics import MetricsLog, read_metrics
+from alignpipe.training.trackers import mlflow_name, parse, run_name
 
 ROWS = [{"step": s, "epoch": s / 4, "batch_index": s - 1, "loss": 0.7 / s, "rewards/accuracy": 0.25 * (s % 4),
          "kl": 0.01 * s * s, "grad_norm": float("nan") if s == 3 else 1.5 / s, "lr": 5e-4, "tokens": 100 + s,

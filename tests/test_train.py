@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from alignpipe.cli import app
-from alignpipe.losses import LOSSES
+from alignpipe.training.losses import LOSSES
 
 RUNNER = CliRunner()
 WORDS = ["the", "of", "and", "to", "in", "is", "that", "it", "for", "as", "with", "was", "on", "be", "by", "this", "are", "from", "or", "an"]
@@ -38,9 +38,9 @@ def make_batches(task: str, examples: list[dict], tokenizer_dir, batch_size: int
     from datasets import Dataset
 
     from alignpipe import schemas
-    from alignpipe.logprobs import score_responses
-    from alignpipe.models import load_tokenizer
-    from alignpipe.prompting import encode, render_prompt
+    from alignpipe.models.loading import load_tokenizer
+    from alignpipe.models.logprobs import score_responses
+    from alignpipe.models.prompting import encode, render_prompt
 
     tok = load_tokenizer(tokenizer_dir)
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -75,7 +75,7 @@ def make_batches(task: str, examples: list[dict], tokenizer_dir, batch_size: int
 
 
 def write_batches(path: Path, task: str, examples: list[dict], tokenizer_dir, **kw) -> Path:
-    from alignpipe.output import StageOutput
+    from alignpipe.data.output import StageOutput
 
     so = StageOutput(path, stage="build-batches", kind=f"batches-{task}", config={"task": task}, inputs=[])
     with so:
@@ -89,7 +89,7 @@ def train(*args) -> tuple[int, str]:
 
 
 def losses_of(folder: Path) -> list[float]:
-    from alignpipe.metrics import read_metrics
+    from alignpipe.training.metrics import read_metrics
 
     return [row["loss"] for row in read_metrics(folder / "metrics.jsonl")]
 
@@ -111,7 +111,7 @@ def task_examples(task: str, n: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------- the CLI, DPO
 def test_dpo_writes_policy_with_manifest_metrics_and_is_idempotent(tmp_path, tiny_lm_dir):
-    from alignpipe.models import load_causal_lm
+    from alignpipe.models.loading import load_causal_lm
 
     b = write_batches(tmp_path / "b", "pairwise", pairs(6), tiny_lm_dir)
     code, out = train(b, "--policy", tiny_lm_dir, "--loss", "dpo", "--out", tmp_path / "p", "--lr", "1e-3",
@@ -148,8 +148,8 @@ def test_a_few_steps_change_every_trainable_parameter(tmp_path, tiny_lm_dir):
 
 def test_dpo_on_a_fixed_chosen_answer_raises_reward_accuracy(tmp_path, tiny_lm_dir):
     """Chosen is always 'A': after two epochs the implicit reward ranks held-out pairs correctly."""
-    from alignpipe.logprobs import score_responses
-    from alignpipe.models import load_causal_lm
+    from alignpipe.models.loading import load_causal_lm
+    from alignpipe.models.logprobs import score_responses
 
     b = write_batches(tmp_path / "b", "pairwise", pairs(16), tiny_lm_dir, batch_size=4)
     code, out = train(b, "--policy", tiny_lm_dir, "--loss", "dpo", "--out", tmp_path / "p", "--lr", "5e-3",
@@ -174,9 +174,9 @@ def test_dpo_on_a_fixed_chosen_answer_raises_reward_accuracy(tmp_path, tiny_lm_d
 def _one_step(model_dir, loss: str, ds, lr: float = 1e-2, rule: str = "step"):
     """Gradients and parameters after one real AdamW step of the trainer core on all of `ds` (one step of
     every stored batch; under the dataset rule D = the dataset's total weight, one step per epoch)."""
-    from alignpipe import trainer as tr
-    from alignpipe.checkpoint import frozen_copy, load_policy
-    from alignpipe.train_data import batch_groups, dataset_scale, micro_batches
+    from alignpipe.training import loop as tr
+    from alignpipe.training.checkpoint import frozen_copy, load_policy
+    from alignpipe.training.micro_batches import batch_groups, dataset_scale, micro_batches
 
     task = LOSSES[loss].task
     module, tok = load_policy(model_dir, task)
@@ -232,7 +232,7 @@ def test_grad_accumulation_equals_one_big_batch_with_unequal_weights(rule, tiny_
 
 
 def test_lr_schedule_numbers():
-    from alignpipe.trainer import lr_factor
+    from alignpipe.training.loop import lr_factor
 
     assert [lr_factor(s, "constant", 2, 10) for s in range(4)] == [1 / 3, 2 / 3, 1.0, 1.0]
     assert [lr_factor(s, "linear", 0, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
@@ -300,7 +300,7 @@ def test_truncated_checkpoint_is_an_error_naming_it(tmp_path, tiny_lm_dir):
 
 # ------------------------------------------------------------------------------------ LoRA, reference
 def test_lora_trains_only_the_adapter_and_the_folder_loads_and_generates(tmp_path, tiny_lm_dir):
-    from alignpipe.models import load_causal_lm, load_tokenizer
+    from alignpipe.models.loading import load_causal_lm, load_tokenizer
 
     b = write_batches(tmp_path / "b", "pairwise", pairs(4), tiny_lm_dir)
     code, out = train(b, "--policy", tiny_lm_dir, "--loss", "dpo", "--out", tmp_path / "a", "--lr", "1e-2",
@@ -342,7 +342,7 @@ def test_lora_trains_only_the_adapter_and_the_folder_loads_and_generates(tmp_pat
 
 def test_stored_reference_and_live_reference_give_the_same_first_step_loss(tmp_path, tiny_lm_dir,
                                                                              tiny_tokenizer_dir):
-    from alignpipe.models import load_causal_lm
+    from alignpipe.models.loading import load_causal_lm
     from alignpipe.testing import build_causal_lm
 
     other = build_causal_lm(tmp_path / "ref", tiny_tokenizer_dir, seed=5)
@@ -390,7 +390,7 @@ def test_every_batches_kind_from_build_batches_is_consumed(loss, built_batches, 
     report = json.loads((tmp_path / "p" / "manifest.json").read_text())["report"]
     assert report["reference"] == {"sft": "none", "reward": "none", "pointwise": "stored", "pairwise": "stored"}[task]
     if task == "reward":
-        from alignpipe.models import load_reward_model
+        from alignpipe.models.loading import load_reward_model
 
         assert load_reward_model(tmp_path / "p").config.num_labels == 1
 
@@ -438,8 +438,8 @@ def test_bad_inputs(tmp_path, tiny_lm_dir):
 def test_partially_cached_reference_is_an_error_naming_the_row(tmp_path, tiny_lm_dir):
     from datasets import Dataset
 
-    from alignpipe.models import load_causal_lm
-    from alignpipe.output import StageOutput
+    from alignpipe.data.output import StageOutput
+    from alignpipe.models.loading import load_causal_lm
 
     ds = make_batches("pairwise", pairs(3), tiny_lm_dir, ref_model=load_causal_lm(tiny_lm_dir)).to_list()
     ds[1]["response2_ref_logp"] = None

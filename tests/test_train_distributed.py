@@ -116,7 +116,7 @@ def test_fsdp_under_accelerate_launch_equals_one_process_kto(tmp_path, tiny_lm_d
 
 
 def test_sharding_mode_reads_the_accelerate_environment():
-    from alignpipe.trainer import sharding_mode
+    from alignpipe.training.loop import sharding_mode
 
     assert sharding_mode("auto", {}) == "none"
     assert sharding_mode("auto", {"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "true"}) == "full"
@@ -154,9 +154,9 @@ def test_rank_gradients_average_to_the_one_process_gradient(batch, rule, tiny_lm
     (what DDP's all-reduce computes) equals the one-process gradient, under either weight normalisation."""
     from test_train import make_batches
 
-    from alignpipe import trainer as tr
-    from alignpipe.checkpoint import frozen_copy, load_policy
-    from alignpipe.train_data import batch_groups, micro_batches
+    from alignpipe.training import loop as tr
+    from alignpipe.training.checkpoint import frozen_copy, load_policy
+    from alignpipe.training.micro_batches import batch_groups, micro_batches
 
     ds = make_batches("pairwise", _uneven(pairs(6)), tiny_lm_dir)
     groups = batch_groups(ds)[batch: batch + 1]

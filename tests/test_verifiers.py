@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from alignpipe.annotators.verifiers import NO_ANSWER, exact_answer, extract, matches, math_verify
-from alignpipe.errors import UserError
+from alignpipe.core.errors import UserError
+from alignpipe.feedback.annotators.verifiers import NO_ANSWER, exact_answer, extract, matches, math_verify
 
 
 @pytest.mark.parametrize("text, how, pattern, expected", [

@@ -1,6 +1,6 @@
 """What a weight means across steps (`train --weight-normalization`), on the trainer core with the tiny model.
 
-The rules (alignpipe.trainer's docstring): a step's objective is sum_{i in step} w_i l_i / D with
+The rules (alignpipe.training.loop's docstring): a step's objective is sum_{i in step} w_i l_i / D with
 
     dataset (default)  D = (total example weight of the batches) / (steps per epoch), the same in every step
     step               D = the step's own total weight W
@@ -32,9 +32,9 @@ LR = 0.5
 
 
 def _run(model_dir, ds, rule: str):
-    from alignpipe import trainer as tr
-    from alignpipe.checkpoint import frozen_copy, load_policy
-    from alignpipe.train_data import batch_groups, dataset_scale
+    from alignpipe.training import loop as tr
+    from alignpipe.training.checkpoint import frozen_copy, load_policy
+    from alignpipe.training.micro_batches import batch_groups, dataset_scale
 
     module, tok = load_policy(model_dir, "pairwise")
     module.double()  # float64 parameters: an update is read back without float32 rounding
@@ -55,7 +55,7 @@ def _params(run) -> torch.Tensor:
 
 def first_update(model_dir, ds, rule: str) -> torch.Tensor:
     """Parameters after minus before the first SGD step (the first stored batch)."""
-    from alignpipe import trainer as tr
+    from alignpipe.training import loop as tr
 
     run, groups = _run(model_dir, ds, rule)
     before = _params(run)
@@ -65,8 +65,8 @@ def first_update(model_dir, ds, rule: str) -> torch.Tensor:
 
 def step_gradients(model_dir, ds, rule: str) -> list[torch.Tensor]:
     """The gradient of every step's objective at the initial parameters (no step taken)."""
-    from alignpipe import trainer as tr
-    from alignpipe.train_data import micro_batches
+    from alignpipe.training import loop as tr
+    from alignpipe.training.micro_batches import micro_batches
 
     run, groups = _run(model_dir, ds, rule)
     out = []

@@ -1,0 +1,135 @@
+"""Lineage: the chain of manifests that made a dataset or policy folder, back to its sources.
+
+Every output alignpipe writes has a manifest naming its stage, the command line that reruns it (from the
+recorded working directory), the resolved config, its inputs with their fingerprints, row count and timings.
+`lineage(path)` follows the inputs recursively: each input that alignpipe wrote is a node of its own; a source
+(a prompt file, a base model folder) ends the chain. A node's input is `ok` when its fingerprint today equals
+the one recorded when the node was made, `changed` when it differs and `missing` when it is gone.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from alignpipe.data.manifest import fingerprint, read_manifest
+
+
+@dataclass
+class Input:
+    path: str  # as recorded
+    resolved: str | None  # where it is found today (None: missing)
+    fingerprint: str | None  # recorded
+    status: str  # ok | changed | missing | source (a file or folder alignpipe did not write)
+
+
+@dataclass
+class Node:
+    path: str
+    stage: str
+    command: str | None
+    rerun: str | None  # `cd CWD && COMMAND`
+    cwd: str | None
+    config: dict
+    inputs: list[Input]
+    kind: str | None
+    num_rows: int | None
+    seconds: float | None
+    started_at: str | None
+    fingerprint: str | None
+    report: dict = field(default_factory=dict)
+    depth: int = 0
+
+
+def _resolve(recorded: str, cwd: str | None, here: Path) -> Path | None:
+    """Find a recorded input path: as is, from the recorded working directory, from the output's run folder."""
+    p = Path(recorded)
+    candidates = [p] if p.is_absolute() else ([Path(cwd) / p] if cwd else []) + [Path.cwd() / p]
+    if not p.is_absolute():  # a run folder moved elsewhere: match by its tail below an ancestor of `here`
+        candidates += [a / Path(*p.parts[i:]) for a in here.resolve().parents[:4] for i in range(len(p.parts))]
+    return next((c for c in candidates if c.exists()), None)
+
+
+def _node(path: Path, manifest: dict, depth: int) -> Node:
+    cwd = manifest.get("cwd")
+    inputs = []
+    for i in manifest.get("inputs", []):
+        found = _resolve(i["path"], cwd, path)
+        if found is None:
+            status = "missing"
+        elif read_manifest(found) is None:
+            status = "source" if fingerprint(found) == i.get("fingerprint") else "changed"
+        else:
+            status = "ok" if fingerprint(found) == i.get("fingerprint") else "changed"
+        inputs.append(Input(i["path"], str(found) if found else None, i.get("fingerprint"), status))
+    command = manifest.get("command")
+    argv = manifest.get("argv")
+    if argv:
+        command = shlex.join(argv)
+    return Node(path=str(path), stage=manifest.get("stage", "?"), command=command,
+                rerun=(f"cd {shlex.quote(cwd)} && {command}" if cwd and command else command), cwd=cwd,
+                config=manifest.get("config") or {}, inputs=inputs, kind=(manifest.get("schema") or {}).get("kind"),
+                num_rows=manifest.get("num_rows"), seconds=manifest.get("seconds"),
+                started_at=manifest.get("started_at"), fingerprint=manifest.get("fingerprint"),
+                report=manifest.get("report") or {}, depth=depth)
+
+
+def lineage(path: Path, max_nodes: int = 500) -> list[Node]:
+    """The nodes that made `path`, itself first, then breadth-first back to the sources (each folder once)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        return []
+    nodes, seen, queue = [], {path.resolve()}, [(path, manifest, 0)]
+    while queue and len(nodes) < max_nodes:
+        here, m, depth = queue.pop(0)
+        node = _node(here, m, depth)
+        nodes.append(node)
+        for i in node.inputs:
+            if i.resolved is None:
+                continue
+            r = Path(i.resolved).resolve()
+            child = read_manifest(r) if r.is_dir() else None
+            if child is not None and r not in seen:
+                seen.add(r)
+                shown = Path(i.path) if Path(i.path).resolve() == r else Path(i.resolved)  # as recorded when it can
+                queue.append((shown, child, depth + 1))
+    return nodes
+
+
+def stages(nodes: list[Node]) -> list[str]:
+    """The distinct stages of a chain, from the target back to the sources."""
+    return list(dict.fromkeys(n.stage for n in nodes))
+
+
+def sources(nodes: list[Node]) -> list[Input]:
+    """Inputs that alignpipe did not write (prompt files, base models) or that are missing."""
+    return [i for n in nodes for i in n.inputs if i.status in ("source", "missing")]
+
+
+def to_json(nodes: list[Node]) -> list[dict]:
+    return [asdict(n) for n in nodes]
+
+
+def _short(value, width: int = 100) -> str:
+    import json
+
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def to_text(nodes: list[Node], config_width: int = 400) -> str:
+    """A readable chain: one block per node, indented by its distance from the target."""
+    lines = []
+    for n in nodes:
+        pad = "  " * n.depth
+        figures = ", ".join(x for x in (f"{n.num_rows} rows" if n.num_rows is not None else "",
+                                        f"{n.seconds:.1f} s" if n.seconds is not None else "",
+                                        n.started_at or "") if x)
+        lines.append(f"{pad}{n.path}  [{n.stage}{', ' + n.kind if n.kind else ''}]  {figures}")
+        lines.append(f"{pad}  fingerprint: {n.fingerprint}")
+        lines.append(f"{pad}  rerun: {n.rerun}")
+        lines.append(f"{pad}  config: {_short(n.config, config_width)}")
+        for i in n.inputs:
+            lines.append(f"{pad}  <- {i.path}  {i.fingerprint}  ({i.status})")
+    return "\n".join(lines)

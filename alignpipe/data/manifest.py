@@ -1,0 +1,120 @@
+"""Manifests and fingerprints: what every output (dataset or policy folder) says about how it was made."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from alignpipe.core.secrets import redact, scrub_argv
+
+MANIFEST = "manifest.json"
+def read_manifest(path: Path) -> dict | None:
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+_HASHES: dict = {}  # (folder, patterns, [(file, size, mtime)]) -> hash: a big model is hashed once per process
+
+
+def fingerprint_files(path: Path, patterns=("*.arrow", "*.safetensors", "*.json", "*.bin", "*.model")) -> str:
+    """A content hash of the data/weight files of a folder (sorted by relative name; manifest excluded)."""
+    path = Path(path)
+    files = sorted({f for p in patterns for f in path.rglob(p) if f.name != MANIFEST and f.is_file()})
+    stats = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    key = (str(path.resolve()), patterns, stats)
+    if key not in _HASHES:
+        _HASHES[key] = _hash_files(path, files)
+    return _HASHES[key]
+
+
+def _hash_files(path: Path, files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def fingerprint(path: Path) -> str:
+    """The fingerprint of an input: its manifest's when alignpipe wrote it, else a content hash."""
+    m = read_manifest(path)
+    if m and m.get("fingerprint"):
+        return m["fingerprint"]
+    from alignpipe.data.hub import hub_commit  # a Hub id (org/name[@rev]) or a snapshot folder: its commit
+
+    commit = hub_commit(path)
+    if commit:
+        return commit
+    p = Path(path)
+    if p.is_file():
+        return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return fingerprint_files(p)
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=False)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def command_argv(argv: list[str] | None = None) -> list[str]:
+    """The command line that reruns this process, as argv: `alignpipe STAGE ...` when it runs alignpipe (as
+    the console script or `python -m alignpipe`), else the raw argv; secrets scrubbed."""
+    argv = list(sys.argv if argv is None else argv)
+    prog = Path(argv[0]).name if argv else ""
+    if prog == "alignpipe" or (prog == "__main__.py" and Path(argv[0]).parent.name == "alignpipe") \
+            or prog == "-c" or "alignpipe" in argv[0]:
+        argv = ["alignpipe"] + argv[1:]
+    return scrub_argv(argv)
+
+
+def build_manifest(*, stage: str, config: dict, inputs: list[Path], kind: str | None, num_rows: int | None,
+                   started: float, fingerprint_: str, report: dict | None = None) -> dict:
+    from alignpipe import __version__
+    from alignpipe.schemas import SCHEMA_VERSION
+
+    return redact({
+        "stage": stage,
+        "command": shlex.join(command_argv()),  # rerun it from `cwd`
+        "argv": command_argv(),
+        "cwd": os.getcwd(),
+        "config": config,
+        "inputs": [{"path": str(p), "fingerprint": fingerprint(p)} for p in inputs],
+        "schema": {"kind": kind, "version": SCHEMA_VERSION} if kind else None,
+        "package_version": __version__,
+        "git_revision": git_revision(),
+        "num_rows": num_rows,
+        "seed": config.get("seed"),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - started, 3),
+        "fingerprint": fingerprint_,
+        "report": report or {},
+    })
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    tmp = Path(folder) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, Path(folder) / MANIFEST)
+
+
+def input_key(config: dict, inputs: list[Path]) -> dict:
+    """What decides whether an output is up to date: the resolved config and the inputs' fingerprints."""
+    return {"config": redact(json.loads(json.dumps(config, default=str))),
+            "inputs": [fingerprint(p) for p in inputs]}
