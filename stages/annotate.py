@@ -12,6 +12,7 @@ default 1; pairwise weights must be > 0):
                                                              (null when one of them abstained)
     preference of a pair   P = sum_k w_k * P_k / sum_k w_k   over the pairwise annotators that gave a verdict
                            P = sigmoid(r1 - r2)              when none did (e.g. only pointwise annotators)
+The manifest's report records each annotator's weight and mean (`components`; shaping: `annotators.shaping`).
 `preference` is P(response1 preferred over response2).
 
 Pairing (`--pairing`; default `all` when an annotator is pairwise, else `pointwise`): `pointwise` (one row
@@ -167,8 +168,8 @@ def _score_all(gens: list[dict], annotators: list, where: dict) -> list[dict]:
     unique = {}
     for g in gens:
         unique.setdefault(_key(g), g)
-    queries = [Query(g["prompt"], g["messages"], g["response"], where=where[k], reference=g["reference"])
-               for k, g in unique.items()]
+    queries = [Query(g["prompt"], g["messages"], g["response"], where=where[k], reference=g["reference"],
+                     num_tokens=g["num_tokens"]) for k, g in unique.items()]
     return [dict(zip(unique, a.score(queries) if queries else [])) for a in annotators]
 
 
@@ -361,6 +362,7 @@ def run(input: Path, out: Path, annotator: list[str], *, weights: str | None, pa
     from alignpipe.data.io import read_input
     from alignpipe.data.output import StageOutput, map_shards, part_path, process_shard
     from alignpipe.feedback.annotators import build, parse_spec, spec_inputs
+    from alignpipe.feedback.annotators.shaping import component_means
 
     specs = [parse_spec(s) for s in annotator]
     if not specs:
@@ -389,6 +391,7 @@ def run(input: Path, out: Path, annotator: list[str], *, weights: str | None, pa
     with so:
         result = map_shards(so, _groups_dataset(groups), fn, shard_size, desc="annotate")
         so.report = {**_summary(result, annotators, len(groups), name), "weights": weights_,
+                     "components": component_means(result, annotators, weights_),
                      "combination": COMBINATION, "annotators": [a.describe() for a in annotators], **so.report}
         so.finish(result)
     return f"annotate: {len(result)} rows ({name}) from {len(groups)} prompts -> {target}"

@@ -43,6 +43,7 @@ class Query:
     response2: str | None = None
     where: str = ""  # the row, for error messages
     reference: str | None = None  # the prompt's reference answer (verifiers compare against it)
+    num_tokens: int | None = None  # the response's length in sampled tokens (generate's num_tokens; 0 imported)
 
 
 @dataclass
@@ -123,6 +124,18 @@ ANNOTATORS.add("exact-answer", doc="verifier: the final answer of the response v
 ANNOTATORS.add("math-verify", doc="verifier: symbolic equivalence with the reference by Hugging Face's math-verify "
                "(optional extra: pip install 'alignpipe[math]')", params={"correct": _CORRECT, "wrong": _WRONG},
                factory="verifiers:build_math_verify", pairwise=False, model_arg=False)
+ANNOTATORS.add("overlong", doc="DAPO soft overlong punishment of the answer's length in tokens: 0 up to "
+               "max_tokens - cache, then falling linearly to -1 at max_tokens, -1 beyond",
+               params={"max_tokens": Param(REQUIRED, int, "L_max: the length budget in tokens (generate's "
+                                           "--max-new-tokens)"),
+                       "cache": Param(0, int, "L_cache: the soft window before L_max (0: -1 beyond L_max only)")},
+               factory="shaping:build_overlong", pairwise=False, model_arg=False)
+ANNOTATORS.add("format", doc="format check: 1 if the whole answer matches PATTERN (a non-empty \\boxed{} without "
+               "one), else 0", arg="pattern", free_arg=True,
+               params={"pattern": Param(None, str, "a Python regular expression the stripped answer must match "
+                                        "whole ('.' matches newlines); none: a \\boxed{...} must be present",
+                                        nullable=True)},
+               factory="shaping:build_format", pairwise=False, model_arg=False)
 ANNOTATORS.add("function", doc="your fn(prompt, response[, reference]) -> float | None (None = abstain)", arg="target",
                metavar="MODULE:FN", free_arg=True,
                params={"target": Param(REQUIRED, str, "the function, as pkg.module:fn")},
