@@ -67,8 +67,20 @@ def test_dpo_by_hand():
     assert close(m["rewards/rejected"], (0.5 * -1 + 3 * 0.5 * 1) / 4)
     assert close(m["rewards/margin"], (1 - 3) / 4)
     assert close(m["rewards/accuracy"], 1 / 4)
-    assert close(m["kl"], 0.0)
+    assert close(m["logratio"], 0.0)
     assert close(m["logps/chosen"], (-1 - 9) / 4) and close(m["logps/rejected"], (-4 - 6) / 4)
+
+
+def test_logratio_by_hand_is_no_kl():
+    """DPO-family `logratio`: the weighted mean of (lr1 + lr2) / 2, below zero when the policy makes both answers
+    less likely than the reference does (a KL never is)."""
+    x = {"logp1": T(-3, -5), "len1": T(1, 1), "logp2": T(-4, -6), "len2": T(1, 1),
+         "ref_logp1": T(-2, -2), "ref_logp2": T(-3, -3), "weight": T(1, 3)}  # lr1 = lr2 = [-1, -3]
+    for name in ("dpo", "cdpo", "robust-dpo", "ipo"):
+        _, m = compute_loss(name, LossInputs(**x))
+        assert close(m["logratio"], (1 * -1 + 3 * -3) / 4) and "kl" not in m, name
+    _, m = compute_loss("ipo", LossInputs(**x), length_normalize=True)  # lengths 1: the same number
+    assert close(m["logratio"], -2.5)
 
 
 def test_cdpo_by_hand():
@@ -113,12 +125,12 @@ def test_kto_by_hand():
     per = [1 - sig(0.5 * (2 - z0)), 2 * (1 - sig(0.5 * (z0 - 0))), 1 - sig(0.5 * (-2 - z0))]
     assert close(loss, 2 * per[0] + per[1] + per[2])
     assert close(m["loss"], (2 * per[0] + per[1] + per[2]) / 4)
-    assert close(m["kl"], z0)
+    assert close(m["z0"], z0)
     # KL from mismatched pairs: weighted mean of [-1, 1, 0] = -0.25 -> clamped to z0 = 0
     kl = {"kl_logp": T(-5, -5, -5), "ref_kl_logp": T(-4, -6, -5)}
     loss, m = compute_loss("kto", LossInputs(**base, **kl), **hp)
     per = [1 - sig(0.5 * 2), 2 * (1 - sig(0.0)), 1 - sig(0.5 * -2)]
-    assert close(loss, 2 * per[0] + per[1] + per[2]) and close(m["kl"], 0.0)
+    assert close(loss, 2 * per[0] + per[1] + per[2]) and close(m["z0"], 0.0)
     assert close(m["loss"], (2 * per[0] + per[1] + per[2]) / 4)
 
 
@@ -227,7 +239,7 @@ def test_kto_matches_paper_formula(with_kl):
            for i in range(16)]
     hp = {"beta": beta, "desirable_weight": lam_d, "undesirable_weight": lam_u}
     loss, m = compute_loss("kto", _pointwise_inputs(dict(t, logp1=t["logp1"].requires_grad_())), **hp)
-    assert close(loss, wsum(per, p["weight"]), 1e-6) and close(m["kl"], z0, 1e-6)
+    assert close(loss, wsum(per, p["weight"]), 1e-6) and close(m["z0"], z0, 1e-6)
     # z0 is a detached constant: d l_i / d r_i = -lambda_D beta s(1-s) or +lambda_U beta s(1-s)
     s = [sig(beta * (r[i] - z0) if p["label"][i] else beta * (z0 - r[i])) for i in range(16)]
     grad = [w * beta * s[i] * (1 - s[i]) * (-lam_d if p["label"][i] else lam_u)
@@ -290,7 +302,7 @@ def test_finite_loss_gradients_and_metrics(name):
     if spec.task in ("pairwise", "reward"):
         assert REQUIRED_METRICS <= set(m)
     if spec.needs_reference:
-        assert "kl" in m
+        assert ("z0" if name == "kto" else "logratio") in m and "kl" not in m  # kl: true KL estimates only
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -120,7 +120,7 @@ def test_dpo_writes_policy_with_manifest_metrics_and_is_idempotent(tmp_path, tin
     m = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert m["stage"] == "train" and m["schema"] is None and m["config"]["loss"] == "dpo,beta=0.5"
     assert m["report"]["reference"] == "model" and m["report"]["output"] == "model" and m["report"]["steps"] == 3
-    assert {"loss", "rewards/accuracy", "rewards/margin", "kl", "grad_norm", "lr"} <= set(m["report"]["final"])
+    assert {"loss", "rewards/accuracy", "rewards/margin", "logratio", "grad_norm", "lr"} <= set(m["report"]["final"])
     rows = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["batch_index"] for r in rows] == [0, 1, 2]
     assert rows[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy == reference at step 1

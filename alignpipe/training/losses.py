@@ -86,6 +86,13 @@ def _log_ratios(x: LossInputs, loss: str) -> tuple[Tensor, Tensor]:
     return logp1 - ref1, logp2 - ref2
 
 
+def _mean_logratio(x: LossInputs, lr1: Tensor, lr2: Tensor) -> Tensor:
+    """The `logratio` metric: weighted mean over rows of (lr1_i + lr2_i) / 2, lr = log pi(y|x) - log pi_ref(y|x)
+    summed over the answer's tokens, (B,) each -> scalar. Not a KL: the answers are not sampled from pi, and
+    it is below zero whenever the policy makes them less likely than the reference does."""
+    return weighted_mean(((lr1 + lr2) / 2).detach(), x.weight)
+
+
 def _pair_metrics(x: LossInputs, r1: Tensor, r2: Tensor, **extra: Tensor) -> dict[str, Tensor]:
     """Detached metrics for pairwise losses; r1/r2 are the loss's (implicit) rewards, shape (B,)."""
     w, r1, r2 = x.weight, r1.detach(), r2.detach()
@@ -105,8 +112,8 @@ def _pair_metrics(x: LossInputs, r1: Tensor, r2: Tensor, **extra: Tensor) -> dic
 def _dpo_family(x: LossInputs, loss_name: str, beta: float, per_example_of_h: Callable[[Tensor], Tensor]):
     """Shared body of dpo / cdpo / robust-dpo: l_i = f(h_i) with h = beta * (lr1 - lr2)."""
     lr1, lr2 = _log_ratios(x, loss_name)
-    kl = weighted_mean(((lr1 + lr2) / 2).detach(), x.weight)
-    return _result(per_example_of_h(beta * (lr1 - lr2)), x, _pair_metrics(x, beta * lr1, beta * lr2, kl=kl))
+    return _result(per_example_of_h(beta * (lr1 - lr2)), x,
+                   _pair_metrics(x, beta * lr1, beta * lr2, logratio=_mean_logratio(x, lr1, lr2)))
 
 
 def _log1mexp(a: Tensor) -> Tensor:
@@ -179,8 +186,8 @@ def ipo_loss(x: LossInputs, *, tau: float = 0.1, length_normalize: bool = False)
     lr1, lr2 = _log_ratios(x, "ipo")
     if length_normalize:
         lr1, lr2 = lr1 / x.len1, lr2 / _need(x, "ipo", "len2")[0]
-    kl = weighted_mean(((lr1 + lr2) / 2).detach(), x.weight)
-    return _result((lr1 - lr2 - 1 / (2 * tau)) ** 2, x, _pair_metrics(x, lr1, lr2, kl=kl))
+    return _result((lr1 - lr2 - 1 / (2 * tau)) ** 2, x,
+                   _pair_metrics(x, lr1, lr2, logratio=_mean_logratio(x, lr1, lr2)))
 
 
 def slic_loss(x: LossInputs, *, delta: float = 1.0, lam: float = 0.1):
@@ -204,6 +211,7 @@ def kto_loss(
     desirable (label True):    l_i = lambda_D * (1 - sigmoid(beta (r_i - z0)))
     undesirable (label False): l_i = lambda_U * (1 - sigmoid(beta (z0 - r_i)))
     lambda_D = desirable_weight, lambda_U = undesirable_weight; all tensors (B,), label bool (B,).
+    Metric `z0`: the reference point (the paper's clamped KL estimate; the answers' own log-ratio without KL fields).
     """
     logp1, ref1, label = _need(x, "kto", "logp1", "ref_logp1", "label")
     r = logp1 - ref1
@@ -219,7 +227,7 @@ def kto_loss(
     )
     w, br = x.weight, (beta * r).detach()
     return _result(per, x, {
-        "kl": z0.detach(),
+        "z0": z0.detach(),
         "rewards/chosen": weighted_mean(br, w * label),  # mean implicit reward of desirable rows
         "rewards/rejected": weighted_mean(br, w * ~label),  # ... of undesirable rows
         "logps/chosen": weighted_mean(logp1.detach(), w),

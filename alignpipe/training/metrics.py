@@ -80,6 +80,25 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+# Metric names that changed, old -> {loss: new}: older metrics.jsonl files read under today's names. DPO-family
+# losses logged the answers' mean policy/reference log-ratio as `kl` (it is no KL: it can be negative), KTO its
+# reference point z0; `kl` stays the name of true KL estimates (the k3 of the policy-gradient losses).
+RENAMED = {"kl": {**dict.fromkeys(("dpo", "cdpo", "robust-dpo", "ipo"), "logratio"), "kto": "z0"}}
+
+
+def policy_metrics(folder: Path) -> list[dict]:
+    """The rows of a policy folder's metrics.jsonl under today's metric names ([] when it has none); the loss
+    that logged them is the one in the folder's manifest."""
+    from alignpipe.data.manifest import read_manifest
+
+    f = Path(folder) / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    loss = str(((read_manifest(folder) or {}).get("config") or {}).get("loss") or "").split(",")[0]
+    renames = {old: new[loss] for old, new in RENAMED.items() if loss in new}
+    return [{renames.get(k, k): v for k, v in row.items()} for row in read_metrics(f)]
+
+
 def summary(history: list[dict]) -> dict:
     """What goes into the manifest's report: the last step's metrics and mean throughput."""
     if not history:
