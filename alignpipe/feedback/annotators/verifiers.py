@@ -9,10 +9,14 @@ Reward: `correct` (1) when the answer matches, `wrong` (0) otherwise. An answer 
 lowest reward, min(correct, wrong), and the verdict's reason says so: `alignpipe annotate` counts those rows in
 its manifest (`unparsed`). A row without a reference is an error naming it.
 
-Matching in `exact-answer`: when both the extracted answer and the reference read as numbers (commas between
-digit groups and a trailing period allowed), |a - r| <= tolerance * max(1, |r|); otherwise the normalised
-strings are equal (case-folded, surrounding whitespace, `$` and a trailing period removed, inner whitespace
-collapsed).
+Numbers are read as models write them (alignpipe.feedback.annotators.numbers: Unicode signs and digits, `.5`,
+thousands groups, fractions, percentages, scientific notation, units, LaTeX), or refused as unparsed when
+their value is ambiguous, never read as a different number (the table: docs/verifiers.md). `last-number` and
+`first-number` take the last / first number token; a refused one makes the answer unparsed.
+
+Matching in `exact-answer`: when both the extracted answer and the reference read as one number each,
+|a - r| <= tolerance * max(1, |r|) (a percentage p stands for p or p/100); otherwise the normalised strings are
+equal (case-folded, surrounding whitespace, `$` and a trailing period removed, inner whitespace collapsed).
 """
 from __future__ import annotations
 
@@ -20,8 +24,8 @@ import re
 
 from alignpipe.core.errors import UserError
 from alignpipe.feedback.annotators import Verdict
+from alignpipe.feedback.annotators.numbers import as_number, equal, numbers
 
-NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
 EXTRACTORS = ("last-number", "first-number", "boxed", "regex")
 NO_ANSWER = "no answer found"
 
@@ -42,12 +46,10 @@ def boxed(text: str) -> str | None:
 def extract(text: str, how: str = "last-number", pattern: str | None = None) -> str | None:
     """The final answer in `text` by rule `how` (see EXTRACTORS); `regex` takes group 1 of the last match of
     `pattern` (the whole match when it has no group). None when nothing is found."""
-    if how == "last-number":
-        found = NUMBER.findall(text)
-        return found[-1] if found else None
-    if how == "first-number":
-        m = NUMBER.search(text)
-        return m.group() if m else None
+    if how in ("last-number", "first-number"):
+        found = numbers(text)
+        n = (found[-1] if how == "last-number" else found[0]) if found else None
+        return None if n is None or n.value is None else n.text
     if how == "boxed":
         return boxed(text)
     if how == "regex":
@@ -59,14 +61,6 @@ def extract(text: str, how: str = "last-number", pattern: str | None = None) -> 
     raise ValueError(f"extract {how!r}: choose from {', '.join(EXTRACTORS)}")
 
 
-def as_number(text: str) -> float | None:
-    """A float when `text` reads as one number (digit-group commas, a trailing period, `$` allowed)."""
-    t = text.strip().strip("$").rstrip(".").strip()
-    if not NUMBER.fullmatch(t):
-        return None
-    return float(t.replace(",", ""))
-
-
 def normalise(text: str) -> str:
     return " ".join(text.strip().strip("$").strip().rstrip(".").casefold().split())
 
@@ -75,7 +69,7 @@ def matches(answer: str, reference: str, tolerance: float = 1e-6) -> bool:
     """Numbers within a relative tolerance, else equal normalised strings (module doc)."""
     a, r = as_number(answer), as_number(reference)
     if a is not None and r is not None:
-        return abs(a - r) <= tolerance * max(1.0, abs(r))
+        return equal(a, r, tolerance)
     return normalise(answer) == normalise(reference)
 
 
