@@ -11,6 +11,9 @@
 # STRATEGY (reweight spec), LORA_R (0 = full fine-tuning), REF (1 = cache reference log-probs).
 # Iterative DPO with a reward model is the online recipe with a reward annotator:
 #   make -f pipelines/online.mk run ANNOTATOR=reward-model:RM_DIR NUM_SAMPLES=4 PAIRING=pointwise PAIRS=best-worst
+# CONFIG: one YAML file with a section per stage, passed to every stage; the defaults here then give way to it,
+# variables given on the command line still win (see pipelines/config.mk).
+include $(dir $(lastword $(MAKEFILE_LIST)))config.mk
 PY ?= python
 ALIGNPIPE ?= $(PY) -m alignpipe
 NAME ?= offline
@@ -26,11 +29,11 @@ MAX_LENGTH ?= 512
 STRATEGY ?= constant
 LORA_R ?= 16
 SEED ?= 0
-LORA := $(if $(filter 0,$(LORA_R)),,--lora-r $(LORA_R))
-BB = $(ALIGNPIPE) build-batches $(RUN)/weighted --tokenizer $(MODEL) --batch-size $(BATCH) \
-     --max-length $(MAX_LENGTH) --seed $(SEED) --out $(RUN)/batches
-TRAIN = $(ALIGNPIPE) train $(RUN)/batches --policy $(MODEL) --lr $(LR) --epochs $(EPOCHS) --seed $(SEED) \
-        --out $(RUN)/policy
+LORA = $(if $(filter 0,$(LORA_R)),,$(call opt,--lora-r,LORA_R))
+BB = $(ALIGNPIPE) build-batches $(RUN)/weighted --tokenizer $(MODEL) $(call opt,--batch-size,BATCH) \
+     $(call opt,--max-length,MAX_LENGTH) --seed $(SEED) --out $(RUN)/batches $(CONFIG_OPT)
+TRAIN = $(ALIGNPIPE) train $(RUN)/batches --policy $(MODEL) $(call opt,--lr,LR) $(call opt,--epochs,EPOCHS) \
+        --seed $(SEED) --out $(RUN)/policy $(CONFIG_OPT)
 
 REPORT = $(ALIGNPIPE) report $(RUN) --out $(RUN)/report
 
@@ -38,19 +41,19 @@ REPORT = $(ALIGNPIPE) report $(RUN) --out $(RUN)/report
 .DELETE_ON_ERROR:
 
 $(RUN)/data/manifest.json: $(DATA)
-	$(ALIGNPIPE) import $(DATA) --out $(RUN)/data
+	$(ALIGNPIPE) import $(DATA) --out $(RUN)/data $(CONFIG_OPT)
 
 $(RUN)/weighted/manifest.json: $(RUN)/data/manifest.json
-	$(ALIGNPIPE) reweight $(RUN)/data --strategy '$(STRATEGY)' --out $(RUN)/weighted
+	$(ALIGNPIPE) reweight $(RUN)/data $(call opt,--strategy,STRATEGY) --out $(RUN)/weighted $(CONFIG_OPT)
 
 dpo: $(RUN)/weighted/manifest.json
 	$(BB) --task pairwise --reference $(MODEL)
-	$(TRAIN) --loss $(LOSS) --beta $(BETA) $(LORA)
+	$(TRAIN) $(call opt,--loss,LOSS) $(call opt,--beta,BETA) $(LORA)
 	$(REPORT)
 
 kto: $(RUN)/weighted/manifest.json
 	$(BB) --task pointwise --reference $(MODEL)
-	$(TRAIN) --loss kto --beta $(BETA) $(LORA)
+	$(TRAIN) --loss kto $(call opt,--beta,BETA) $(LORA)
 	$(REPORT)
 
 reward: $(RUN)/weighted/manifest.json
@@ -59,7 +62,7 @@ reward: $(RUN)/weighted/manifest.json
 	$(REPORT)
 
 sft: $(RUN)/data/manifest.json
-	$(ALIGNPIPE) build-batches $(RUN)/data --task sft --tokenizer $(MODEL) --batch-size $(BATCH) \
-	  --max-length $(MAX_LENGTH) --seed $(SEED) --out $(RUN)/batches
+	$(ALIGNPIPE) build-batches $(RUN)/data --task sft --tokenizer $(MODEL) $(call opt,--batch-size,BATCH) \
+	  $(call opt,--max-length,MAX_LENGTH) --seed $(SEED) --out $(RUN)/batches $(CONFIG_OPT)
 	$(TRAIN) --loss sft $(LORA)
 	$(REPORT)

@@ -31,6 +31,9 @@
 #   LR, LORA_R, EPOCHS, BATCH, MAX_NEW_TOKENS, TEMPERATURE: training and sampling settings
 #   REPORT_TO      experiment trackers of train besides TensorBoard (wandb,mlflow,trackio; offline/local by
 #                  default, under RUN/trackers/); report.html links their runs
+#   CONFIG         one YAML file with a section per stage, passed to every stage; the defaults here then give
+#                  way to it, variables given on the command line still win (see pipelines/config.mk)
+include $(dir $(lastword $(MAKEFILE_LIST)))config.mk
 PY ?= python
 ALIGNPIPE ?= $(PY) -m alignpipe
 NAME ?= online
@@ -49,7 +52,7 @@ JUDGE ?= $(EVAL_ANNOTATOR)
 LOSS ?= dpo
 BETA ?= 0.1
 STRATEGY ?= confidence
-REWEIGHT_OPTS ?= --normalize mean
+REWEIGHT_OPTS ?= $(if $(CONFIG),,--normalize mean)
 LR ?= 5e-4
 LORA_R ?= 16
 EPOCHS ?= 2
@@ -58,7 +61,7 @@ MAX_NEW_TOKENS ?= 48
 TEMPERATURE ?= 1.0
 SEED ?= 0
 REPORT_TO ?=
-TRAIN_OPTS ?= --lora-r $(LORA_R) $(if $(REPORT_TO),--report-to $(REPORT_TO))
+TRAIN_OPTS ?= $(call opt,--lora-r,LORA_R) $(if $(REPORT_TO),--report-to $(REPORT_TO))
 GEN_OPTS ?=
 ifeq ($(origin MODEL), undefined)
 ifeq ($(filter demo-tiny,$(MAKECMDGOALS)),)
@@ -77,38 +80,42 @@ POLICY_LIST := $(shell seq 0 $(ITERS))
 run: $(RUN)/report/report.html
 
 $(RUN)/prompts/manifest.json: $(PROMPTS)
-	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts
+	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts $(CONFIG_OPT)
 
 define ITERATION
 $(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
 	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/iter-$(1)/generations \
 	  --split train --rows $(shell echo $$(($(1)*$(PROMPTS_PER_ITER)))):$(shell echo $$((($(1)+1)*$(PROMPTS_PER_ITER)))) \
-	  --num-samples $(NUM_SAMPLES) --max-new-tokens $(MAX_NEW_TOKENS) --temperature $(TEMPERATURE) --seed $(SEED) \
-	  --iteration $(1) $(GEN_OPTS)
+	  $(call opt,--num-samples,NUM_SAMPLES) $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
+	  $(call opt,--temperature,TEMPERATURE) --seed $(SEED) --iteration $(1) $(CONFIG_OPT) $(GEN_OPTS)
 $(RUN)/iter-$(1)/annotations/manifest.json: $(RUN)/iter-$(1)/generations/manifest.json
-	$(ALIGNPIPE) annotate $(RUN)/iter-$(1)/generations --annotator '$(ANNOTATOR)' --pairing $(PAIRING) \
-	  --out $(RUN)/iter-$(1)/annotations
+	$(ALIGNPIPE) annotate $(RUN)/iter-$(1)/generations $(call opt,--annotator,ANNOTATOR) $(call opt,--pairing,PAIRING) \
+	  --out $(RUN)/iter-$(1)/annotations $(CONFIG_OPT)
 $(RUN)/iter-$(1)/weighted/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.json
-	$(ALIGNPIPE) reweight $(RUN)/iter-$(1)/annotations --strategy '$(STRATEGY)' $(REWEIGHT_OPTS) --out $(RUN)/iter-$(1)/weighted
+	$(ALIGNPIPE) reweight $(RUN)/iter-$(1)/annotations $(call opt,--strategy,STRATEGY) $(REWEIGHT_OPTS) \
+	  --out $(RUN)/iter-$(1)/weighted $(CONFIG_OPT)
 $(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/weighted/manifest.json
 	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/weighted --task pairwise --tokenizer $(MODEL) \
-	  --reference $(MODEL) --pairs $(PAIRS) --batch-size $(BATCH) --seed $(SEED) --out $(RUN)/iter-$(1)/batches
+	  --reference $(MODEL) $(call opt,--pairs,PAIRS) $(call opt,--batch-size,BATCH) --seed $(SEED) \
+	  --out $(RUN)/iter-$(1)/batches $(CONFIG_OPT)
 $(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(1))
-	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(1)) --loss $(LOSS) --beta $(BETA) \
-	  --reference stored --lr $(LR) --epochs $(EPOCHS) --seed $(SEED) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy
+	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(1)) $(call opt,--loss,LOSS) \
+	  $(call opt,--beta,BETA) --reference stored $(call opt,--lr,LR) $(call opt,--epochs,EPOCHS) --seed $(SEED) \
+	  $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
 endef
 
 define EVALUATION
 $(RUN)/eval/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
 	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/iter-$(1)/generations \
-	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples $(EVAL_SAMPLES) --max-new-tokens $(MAX_NEW_TOKENS) \
-	  --temperature $(TEMPERATURE) --seed 1234 --iteration $(1) $(GEN_OPTS)
+	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples $(EVAL_SAMPLES) $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
+	  $(call opt,--temperature,TEMPERATURE) --seed 1234 --iteration $(1) $(CONFIG_OPT) $(GEN_OPTS)
 $(RUN)/eval/iter-$(1)/scores/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json
-	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/generations --annotator '$(EVAL_ANNOTATOR)' --pairing pointwise \
-	  --out $(RUN)/eval/iter-$(1)/scores
+	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/generations $(call opt,--annotator,EVAL_ANNOTATOR ANNOTATOR) \
+	  --pairing pointwise --out $(RUN)/eval/iter-$(1)/scores $(CONFIG_OPT)
 $(RUN)/eval/iter-$(1)/versus-0/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json $(RUN)/eval/iter-0/generations/manifest.json
 	$(ALIGNPIPE) evaluate $(RUN)/eval/iter-$(1)/generations $(RUN)/eval/iter-0/generations \
-	  --annotator '$(JUDGE)' --reference $(MODEL) --out $(RUN)/eval/iter-$(1)/versus-0
+	  $(call opt,--annotator,JUDGE EVAL_ANNOTATOR ANNOTATOR) --reference $(MODEL) --out $(RUN)/eval/iter-$(1)/versus-0 \
+	  $(CONFIG_OPT)
 endef
 
 $(foreach k,$(ITER_LIST),$(eval $(call ITERATION,$(k))))

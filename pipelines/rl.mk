@@ -35,6 +35,11 @@
 #   EVAL_PROMPTS     held-out prompts per evaluation; EVAL_SAMPLES answers sampled per held-out prompt
 #   LR, LORA_R, MAX_NEW_TOKENS, TEMPERATURE, SEED: training and sampling settings
 #   EVAL_ANNOTATOR   the held-out verifier (default: ANNOTATOR)
+#   SCHEDULER, WARMUP train's learning-rate schedule and warmup steps (constant, 0)
+#   CONFIG           one YAML file with a section per stage, passed to every stage; the defaults here then give
+#                    way to it, variables given on the command line still win (pipelines/configs/rl-demo.yaml
+#                    is the demo: make -f pipelines/rl.mk run CONFIG=pipelines/configs/rl-demo.yaml)
+include $(dir $(lastword $(MAKEFILE_LIST)))config.mk
 PY ?= python
 ALIGNPIPE ?= $(PY) -m alignpipe
 NAME ?= rl
@@ -57,7 +62,9 @@ TEMPERATURE ?= 1.0
 EVAL_PROMPTS ?= 48
 EVAL_SAMPLES ?= 4
 SEED ?= 0
-TRAIN_OPTS ?= --lora-r $(LORA_R)
+SCHEDULER ?= constant
+WARMUP ?= 0
+TRAIN_OPTS ?= $(call opt,--lora-r,LORA_R)
 GEN_OPTS ?=
 REFERENCE_OPTS ?=
 TRAIN_ROWS ?= $(shell grep -c '"split": "train"' $(PROMPTS))
@@ -79,45 +86,47 @@ POLICY_LIST := $(shell seq 0 $(ITERS))
 run: $(RUN)/report/summary.md
 
 $(RUN)/prompts/manifest.json: $(PROMPTS)
-	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts
+	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts $(CONFIG_OPT)
 
 define ITERATION
 $(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
 	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/iter-$(1)/generations \
 	  --split train --rows $(call first_row,$(1)):$(shell echo $$(($(call first_row,$(1))+$(PROMPTS_PER_ITER)))) \
-	  --num-samples $(NUM_SAMPLES) --max-new-tokens $(MAX_NEW_TOKENS) --temperature $(TEMPERATURE) \
-	  --seed $(shell echo $$(($(SEED)*1000+$(1)))) --iteration $(1) $(GEN_OPTS)
+	  $(call opt,--num-samples,NUM_SAMPLES) $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
+	  $(call opt,--temperature,TEMPERATURE) --seed $(shell echo $$(($(SEED)*1000+$(1)))) --iteration $(1) \
+	  $(CONFIG_OPT) $(GEN_OPTS)
 $(RUN)/iter-$(1)/annotations/manifest.json: $(RUN)/iter-$(1)/generations/manifest.json
-	$(ALIGNPIPE) annotate $(RUN)/iter-$(1)/generations --annotator '$(ANNOTATOR)' --pairing pointwise \
-	  --out $(RUN)/iter-$(1)/annotations
+	$(ALIGNPIPE) annotate $(RUN)/iter-$(1)/generations $(call opt,--annotator,ANNOTATOR) --pairing pointwise \
+	  --out $(RUN)/iter-$(1)/annotations $(CONFIG_OPT)
 $(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.json
-	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/annotations --task group --advantage '$(ADVANTAGE)' \
-	  --equal-groups $(EQUAL_GROUPS) --tokenizer $(MODEL) --batch-size $(BATCH) --seed $(SEED) $(REFERENCE_OPTS) \
-	  --out $(RUN)/iter-$(1)/batches
+	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/annotations --task group $(call opt,--advantage,ADVANTAGE) \
+	  $(call opt,--equal-groups,EQUAL_GROUPS) --tokenizer $(MODEL) $(call opt,--batch-size,BATCH) --seed $(SEED) \
+	  $(REFERENCE_OPTS) --out $(RUN)/iter-$(1)/batches $(CONFIG_OPT)
 $(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(1))
-	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(1)) --loss '$(LOSS)' \
-	  --lr $(LR) --scheduler constant --warmup-steps 0 --epochs $(EPOCHS) --seed $(SEED) $(TRAIN_OPTS) \
-	  --out $(RUN)/iter-$(1)/policy
+	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(1)) $(call opt,--loss,LOSS) \
+	  $(call opt,--lr,LR) $(call opt,--scheduler,SCHEDULER) $(call opt,--warmup-steps,WARMUP) \
+	  $(call opt,--epochs,EPOCHS) --seed $(SEED) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
 endef
 
 define EVALUATION
 $(RUN)/eval/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
 	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/iter-$(1)/generations \
-	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples $(EVAL_SAMPLES) --max-new-tokens $(MAX_NEW_TOKENS) \
-	  --temperature 1.0 --seed 1234 --iteration $(1) $(GEN_OPTS)
+	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples $(EVAL_SAMPLES) $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
+	  --temperature 1.0 --seed 1234 --iteration $(1) $(CONFIG_OPT) $(GEN_OPTS)
 $(RUN)/eval/iter-$(1)/scores/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json
-	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/generations --annotator '$(EVAL_ANNOTATOR)' --pairing pointwise \
-	  --out $(RUN)/eval/iter-$(1)/scores
+	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/generations $(call opt,--annotator,EVAL_ANNOTATOR ANNOTATOR) \
+	  --pairing pointwise --out $(RUN)/eval/iter-$(1)/scores $(CONFIG_OPT)
 $(RUN)/eval/iter-$(1)/greedy-generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
 	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/iter-$(1)/greedy-generations \
-	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples 1 --max-new-tokens $(MAX_NEW_TOKENS) \
-	  --temperature 0 --seed 1234 --iteration $(1) $(GEN_OPTS)
+	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples 1 $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
+	  --temperature 0 --seed 1234 --iteration $(1) $(CONFIG_OPT) $(GEN_OPTS)
 $(RUN)/eval/iter-$(1)/greedy-scores/manifest.json: $(RUN)/eval/iter-$(1)/greedy-generations/manifest.json
-	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/greedy-generations --annotator '$(EVAL_ANNOTATOR)' \
-	  --pairing pointwise --out $(RUN)/eval/iter-$(1)/greedy-scores
+	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/greedy-generations $(call opt,--annotator,EVAL_ANNOTATOR ANNOTATOR) \
+	  --pairing pointwise --out $(RUN)/eval/iter-$(1)/greedy-scores $(CONFIG_OPT)
 $(RUN)/eval/iter-$(1)/versus-0/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json $(RUN)/eval/iter-0/generations/manifest.json
 	$(ALIGNPIPE) evaluate $(RUN)/eval/iter-$(1)/generations $(RUN)/eval/iter-0/generations \
-	  --annotator '$(EVAL_ANNOTATOR)' --reference $(MODEL) --out $(RUN)/eval/iter-$(1)/versus-0
+	  $(call opt,--annotator,EVAL_ANNOTATOR ANNOTATOR) --reference $(MODEL) --out $(RUN)/eval/iter-$(1)/versus-0 \
+	  $(CONFIG_OPT)
 endef
 
 $(foreach k,$(ITER_LIST),$(eval $(call ITERATION,$(k))))

@@ -1,8 +1,10 @@
 """What every command shares: --out, --config FILE.yaml, --force, error handling and the resolved config.
 
 Convention: `alignpipe STAGE INPUT... --out OUT [--config FILE.yaml] [--force] [options]`.
-A YAML config may hold any option of the command (keys = option names, '-' or '_'); flags given on the
-command line override it; the resolved values go into the output's manifest.
+A YAML config may hold any option of the command (keys = option names, '-' or '_'), or one section per
+command for a whole loop (`generate:`, `annotate:`, `reweight:`, `build-batches:`, `train:`, `evaluate:` ...,
+each a mapping of that command's options; a command reads its own section and may have none); flags given
+on the command line override it; the resolved values go into the output's manifest.
 Exit codes: 0 done or already up to date, 2 bad input or usage, 1 internal error.
 """
 from __future__ import annotations
@@ -30,12 +32,9 @@ def _is_option(p) -> bool:
     return getattr(p, "param_type_name", "") == "option"
 
 
-def _load_config(ctx: typer.Context, param, value):
-    if value is None:
-        return None
+def _read_yaml(path: Path, param) -> dict:
     import yaml
 
-    path = Path(value)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -44,7 +43,52 @@ def _load_config(ctx: typer.Context, param, value):
         raise typer.BadParameter(f"{path}: not valid YAML ({(str(e).splitlines() or [''])[0]})", param=param)
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{path}: must be a mapping of option names to values", param=param)
-    names = {p.name for p in ctx.command.params if _is_option(p)} - {"config"}
+    return data
+
+
+def _option_names(command) -> set[str]:
+    return {p.name for p in command.params if _is_option(p)} - {"config"}
+
+
+def _stage_name(key) -> str:
+    return str(key).replace("_", "-")
+
+
+def _check_sections(path: Path, data: dict, commands: dict, param) -> None:
+    for key, val in data.items():
+        if not isinstance(val, dict):
+            raise typer.BadParameter(f"{path}: '{key}' is an option value beside command sections; put it "
+                                     f"under one of them (a section per command, e.g. 'train:')", param=param)
+        if _stage_name(key) not in commands:
+            raise typer.BadParameter(f"{path}: unknown section '{key}' (known: {', '.join(sorted(commands))})",
+                                     param=param)
+        names = _option_names(commands[_stage_name(key)])
+        for k in val:
+            if str(k).replace("-", "_") not in names:
+                raise typer.BadParameter(f"{path}: section '{key}': unknown key '{k}' "
+                                         f"(known: {', '.join(sorted(names))})", param=param)
+
+
+def _section(ctx: typer.Context, path: Path, data: dict, param) -> dict:
+    """The command's own part of the file: the file itself when flat, its section when sectioned (a file is
+    sectioned when a top-level value is a mapping, which an option value never is, or an empty command
+    section). Every section's keys are checked against its command, so that a typo in `train:` fails at the
+    first stage of a loop, not at the last."""
+    commands = getattr(ctx.find_root().command, "commands", None) or {ctx.command.name: ctx.command}
+    data = {k: ({} if v is None and _stage_name(k) in commands else v) for k, v in data.items()}
+    if not any(isinstance(v, dict) for v in data.values()):
+        return data
+    _check_sections(path, data, commands, param)
+    own = [v for k, v in data.items() if _stage_name(k) == ctx.command.name]
+    return own[0] if own else {}
+
+
+def _load_config(ctx: typer.Context, param, value):
+    if value is None:
+        return None
+    path = Path(value)
+    data = _section(ctx, path, _read_yaml(path, param), param)
+    names = _option_names(ctx.command)
     options = {p.name: p for p in ctx.command.params if _is_option(p)}
     config = {}
     for key, val in data.items():
@@ -52,6 +96,8 @@ def _load_config(ctx: typer.Context, param, value):
         if name not in names:
             raise typer.BadParameter(f"{path}: unknown key '{key}' (known: {', '.join(sorted(names))})", param=param)
         multiple = getattr(options[name], "multiple", False)
+        if multiple and not isinstance(val, (list, dict)):  # a repeatable option given once
+            val = [val]
         if multiple != isinstance(val, list) or isinstance(val, dict):
             want = "a list" if multiple else "a single value"
             raise typer.BadParameter(f"{path}: key '{key}' must be {want}, found {val!r}", param=param)
@@ -65,7 +111,8 @@ def _load_config(ctx: typer.Context, param, value):
 
 
 ConfigOpt = Annotated[Path | None, typer.Option(
-    "--config", is_eager=True, callback=_load_config, help="YAML file of option values; flags override it.")]
+    "--config", is_eager=True, callback=_load_config,
+    help="YAML file of option values, flat or one section per command (train: ...); flags override it.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the work even if the output is up to date.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
 
