@@ -2,6 +2,7 @@
 command lines rerun from the recorded directory (and find the output up to date); secrets never in argv."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shlex
@@ -83,3 +84,56 @@ def test_secrets_never_reach_the_recorded_command(monkeypatch):
                      "--out", "o"]
     assert command_argv(["/venv/bin/alignpipe", "train", "a b"]) == ["alignpipe", "train", "a b"]
     assert command_argv(["/x/alignpipe/__main__.py", "report", "r"]) == ["alignpipe", "report", "r"]
+
+
+def _header(lines: list[str], path: Path) -> int:
+    """The index of the one line that writes out `path` (its other mentions are references)."""
+    found = [i for i, line in enumerate(lines) if line.lstrip().removeprefix("<- ").startswith(f"{path}  [")
+             and "(written out" not in line and "  ..." not in line]
+    assert len(found) == 1, (path, found)
+    return found[0]
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _last_evaluation(run: Path) -> Path:
+    """The evaluate output with the longest chain behind it (the last policy's), whatever the run's layout."""
+    outs = [m.parent for m in run.rglob("manifest.json") if manifest(m.parent).get("stage") == "evaluate"]
+    return max(outs, key=lambda p: len(lineage(p)))
+
+
+def test_lineage_text_is_a_tree_of_whose_input_each_output_is_each_written_once(tmp_path):
+    target = _last_evaluation(make_run(tmp_path / "run", iters=6, prompts=3, payload=False))
+    nodes = lineage(target)
+    lines = ok("lineage", target).stdout.splitlines()
+    at = {n.path: _header(lines, Path(n.path)) for n in nodes}  # every output written out exactly once
+    for n in nodes[1:]:  # each one under an output whose input it is: the nearest shallower header above it
+        parent = next(lines[i] for i in range(at[n.path] - 1, -1, -1)
+                      if _indent(lines[i]) < _indent(lines[at[n.path]]) and "rerun:" not in lines[i])
+        parent_path = parent.lstrip().removeprefix("<- ").split("  [")[0]
+        assert n.path in {i.resolved for m in nodes if m.path == parent_path for i in m.inputs}, (n.path, parent)
+    # a chain of iterations nests one level per iteration: each policy right under the one trained from it
+    policies = sorted(_indent(lines[at[n.path]]) for n in nodes if n.stage == "train")
+    assert len(policies) == 6 and {b - a for a, b in itertools.pairwise(policies)} == {3}
+    assert sum("(written out above)" in line for line in lines) >= 6  # the prompts feed every generate
+    assert len(lines) < 2 * len(nodes) + 20  # was 155 lines for these 28 outputs
+    assert lines[2].startswith("   config: ") and sum("config: " in line for line in lines) == 1
+
+
+def test_lineage_depth_limits_text_and_json(tmp_path):
+    target = _last_evaluation(make_run(tmp_path / "run", iters=2, prompts=3, payload=False))
+    nodes = lineage(target)
+    lines = ok("lineage", target, "--depth", "1").stdout.splitlines()
+    written = [line.split("  [")[0].removeprefix("   <- ") for line in lines
+               if line.startswith(("   <- ", str(target))) and "(source)" not in line and "  ..." not in line]
+    assert written == [n.path for n in nodes if n.depth <= 1]
+    assert all(_indent(line) <= 6 for line in lines[:-1])
+    hidden = {n.path for n in nodes if n.depth == 2}
+    assert lines[-1].startswith(f"({len(hidden)} output(s) not written out below depth 1: --depth N for more")
+    assert len(ok("lineage", target, "--depth", "0").stdout.splitlines()) == 3 + len(nodes[0].inputs) + 1
+    as_json = json.loads(ok("lineage", target, "--depth", "1", "--json").stdout)
+    assert [n["path"] for n in as_json] == [n.path for n in nodes if n.depth <= 1]
+    bad = cli("lineage", target, "--depth", "-1")
+    assert bad.exit_code == 2 and "Traceback" not in bad.output

@@ -74,8 +74,9 @@ def _node(path: Path, manifest: dict, depth: int) -> Node:
                 report=manifest.get("report") or {}, depth=depth)
 
 
-def lineage(path: Path, max_nodes: int = 500) -> list[Node]:
-    """The nodes that made `path`, itself first, then breadth-first back to the sources (each folder once)."""
+def lineage(path: Path, max_nodes: int = 500, max_depth: int | None = None) -> list[Node]:
+    """The nodes that made `path`, itself first, then breadth-first back to the sources (each folder once),
+    at most `max_depth` inputs away."""
     path = Path(path)
     manifest = read_manifest(path)
     if manifest is None:
@@ -90,7 +91,7 @@ def lineage(path: Path, max_nodes: int = 500) -> list[Node]:
                 continue
             r = Path(i.resolved).resolve()
             child = read_manifest(r) if r.is_dir() else None
-            if child is not None and r not in seen:
+            if child is not None and r not in seen and (max_depth is None or depth < max_depth):
                 seen.add(r)
                 shown = Path(i.path) if Path(i.path).resolve() == r else Path(i.resolved)  # as recorded when it can
                 queue.append((shown, child, depth + 1))
@@ -118,18 +119,69 @@ def _short(value, width: int = 100) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def to_text(nodes: list[Node], config_width: int = 400) -> str:
-    """A readable chain: one block per node, indented by its distance from the target."""
-    lines = []
-    for n in nodes:
-        pad = "  " * n.depth
-        figures = ", ".join(x for x in (f"{n.num_rows} rows" if n.num_rows is not None else "",
-                                        f"{n.seconds:.1f} s" if n.seconds is not None else "",
-                                        n.started_at or "") if x)
-        lines.append(f"{pad}{n.path}  [{n.stage}{', ' + n.kind if n.kind else ''}]  {figures}")
-        lines.append(f"{pad}  fingerprint: {n.fingerprint}")
-        lines.append(f"{pad}  rerun: {n.rerun}")
-        lines.append(f"{pad}  config: {_short(n.config, config_width)}")
+def _figures(n: Node) -> str:
+    return ", ".join(x for x in (f"{n.num_rows} rows" if n.num_rows is not None else "",
+                                 f"{n.seconds:.1f} s" if n.seconds is not None else "",
+                                 n.started_at or "", f"fingerprint {n.fingerprint}" if n.fingerprint else "") if x)
+
+
+class _Tree:
+    """The text of a chain as a tree: each output written out once, under its home (the output closest to the
+    target whose input it is, so that a chain of iterations grows one level per iteration), with every later
+    mention by reference; sources as leaves; nothing deeper than `depth` levels of inputs."""
+
+    def __init__(self, nodes: list[Node], depth: int | None, config_width: int):
+        self.by_path = {_key(n.path): n for n in nodes}
+        self.home: dict[Path, Path] = {}
+        for n in nodes:  # breadth-first: the first output met whose input it is is the closest
+            for i in n.inputs:
+                if i.resolved and _key(i.resolved) in self.by_path:
+                    self.home.setdefault(_key(i.resolved), _key(n.path))
+        self.depth, self.config_width = depth, config_width
+        self.shown: set[Path] = set()
+        self.cut: set[Path] = set()
+        self.lines: list[str] = []
+
+    def node(self, n: Node, level: int, status: str | None = None) -> None:
+        state = f"  ({status})" if status and status != "ok" else ""
+        self.lines.append(f"{'   ' * level}{'<- ' if level else ''}{n.path}  "
+                          f"[{n.stage}{', ' + n.kind if n.kind else ''}]  {_figures(n)}{state}")
+        self.shown.add(_key(n.path))
+        inner = "   " * (level + 1)
+        self.lines.append(f"{inner}rerun: {n.rerun}")
+        if level == 0:
+            self.lines.append(f"{inner}config: {_short(n.config, self.config_width)}")
         for i in n.inputs:
-            lines.append(f"{pad}  <- {i.path}  {i.fingerprint}  ({i.status})")
-    return "\n".join(lines)
+            self.input(n, i, level + 1)
+
+    def input(self, parent: Node, i: Input, level: int) -> None:
+        pad = "   " * level
+        child = self.by_path.get(_key(i.resolved)) if i.resolved else None
+        if child is None:
+            self.lines.append(f"{pad}<- {i.path}  {i.fingerprint}  ({i.status})")
+        elif self.depth is not None and level > self.depth:
+            self.lines.append(f"{pad}<- {child.path}  [{child.stage}]  ...")
+            self.cut.add(_key(child.path))
+        elif _key(child.path) in self.shown or self.home.get(_key(child.path)) != _key(parent.path):
+            where = "above" if _key(child.path) in self.shown else "below"
+            self.lines.append(f"{pad}<- {child.path}  [{child.stage}]  (written out {where})")
+        else:
+            self.node(child, level, i.status)
+
+
+def _key(path: str) -> Path:
+    return Path(path).resolve()
+
+
+def to_text(nodes: list[Node], config_width: int = 400, depth: int | None = None) -> str:
+    """A readable chain as a tree: the output with its rerun line and config, then each of its inputs indented
+    under it (the outputs alignpipe wrote with their own inputs under them, each written out once, to `depth`
+    levels; sources as `<- PATH FINGERPRINT (status)`)."""
+    if not nodes:
+        return ""
+    tree = _Tree(nodes, depth, config_width)
+    tree.node(nodes[0], 0)
+    if tree.cut:
+        tree.lines.append(f"({len(tree.cut)} output(s) not written out below depth {depth}: --depth N for more, "
+                          f"--json for every node's config)")
+    return "\n".join(tree.lines)
