@@ -55,8 +55,19 @@ def command(
     reference: Annotated[str, typer.Option(help="auto | stored | policy | MODEL folder.")] = "auto",
     lr: Annotated[float, typer.Option(help="Peak learning rate of AdamW.")] = 1e-6,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.0,
+    adam_beta1: Annotated[float, typer.Option(help="AdamW beta1.")] = 0.9,
+    adam_beta2: Annotated[float, typer.Option(help="AdamW beta2.")] = 0.999,
     scheduler: Annotated[str, typer.Option(help="cosine | linear | constant (after warm-up).")] = "cosine",
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
+    schedule_steps: Annotated[int | None, typer.Option(help="Length of the schedule in optimiser steps over the "
+                                                            "whole run, continued iterations included [default: "
+                                                            "the steps so far plus this run's].")] = None,
+    continue_from: Annotated[Path | None, typer.Option(help="A policy written by train: continue its optimiser "
+                                                            "(AdamW moments, schedule position, RNG) from its "
+                                                            "trainer_state/; the weights still come from "
+                                                            "--policy.")] = None,
+    trainer_state: Annotated[bool, typer.Option(help="Save the optimiser state in POLICY/trainer_state/ for "
+                                                     "--continue-from (not with --merge).")] = True,
     grad_accum: Annotated[int, typer.Option(help="Stored batches per optimisation step.")] = 1,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: no clipping).")] = 1.0,
     weight_normalization: Annotated[str, typer.Option(help="dataset: a step's loss is sum w*l / (nominal examples "

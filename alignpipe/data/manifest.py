@@ -13,6 +13,7 @@ from pathlib import Path
 from alignpipe.core.secrets import redact, scrub_argv
 
 MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state"  # a policy folder's optimiser state (train --continue-from): not its content
 def read_manifest(path: Path) -> dict | None:
     f = Path(path) / MANIFEST
     if not f.is_file():
@@ -27,9 +28,11 @@ _HASHES: dict = {}  # (folder, patterns, [(file, size, mtime)]) -> hash: a big m
 
 
 def fingerprint_files(path: Path, patterns=("*.arrow", "*.safetensors", "*.json", "*.bin", "*.model")) -> str:
-    """A content hash of the data/weight files of a folder (sorted by relative name; manifest excluded)."""
+    """A content hash of the data/weight files of a folder (sorted by relative name; manifest and a policy's
+    trainer_state/ excluded; JSON files in canonical form, `canonical_json`): the same content, the same hash."""
     path = Path(path)
-    files = sorted({f for p in patterns for f in path.rglob(p) if f.name != MANIFEST and f.is_file()})
+    files = sorted({f for p in patterns for f in path.rglob(p) if f.name != MANIFEST and f.is_file()
+                    and TRAINER_STATE not in f.relative_to(path).parts[:-1]})
     stats = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     key = (str(path.resolve()), patterns, stats)
     if key not in _HASHES:
@@ -37,10 +40,26 @@ def fingerprint_files(path: Path, patterns=("*.arrow", "*.safetensors", "*.json"
     return _HASHES[key]
 
 
+def canonical_json(text: bytes, name: str = "") -> bytes | None:
+    """A JSON file's canonical bytes: keys sorted, no whitespace, and PEFT's `target_modules` (a set that
+    adapter_config.json lists in a per-process order) sorted; None when it is not JSON."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if name == "adapter_config.json" and isinstance(data, dict) and isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def _hash_files(path: Path, files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.relative_to(path)).encode())
+        if f.suffix == ".json":
+            raw = f.read_bytes()
+            h.update(canonical_json(raw, f.name) or raw)
+            continue
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)

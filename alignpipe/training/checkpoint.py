@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignpipe.core.errors import UserError
+from alignpipe.data.manifest import TRAINER_STATE
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -126,6 +127,9 @@ def latest_checkpoint(partial: Path) -> Path | None:
 
 
 def _damaged(path: Path, what: str) -> UserError:
+    if Path(path).name == TRAINER_STATE:  # a finished policy's state (alignpipe.training.continuation)
+        return UserError(f"--continue-from: trainer state {path}: {what}; retrain that policy, or drop "
+                         f"--continue-from to start a fresh optimiser")
     return UserError(f"checkpoint {path}: {what}; delete that folder to start over (or rerun with --force)")
 
 
@@ -166,12 +170,14 @@ def _load_trainable(path: Path, module) -> None:
 
 
 def load_checkpoint(path: Path, module, optimizer, scheduler, *, rank: int = 0) -> dict:
-    """Restore trainable weights, optimizer, scheduler and this rank's RNG; return the state dict."""
+    """Restore trainable weights (when the folder has them), optimizer, scheduler and this rank's RNG; return
+    the state dict. Also reads a policy's `trainer_state/` (alignpipe.training.continuation)."""
     path = Path(path)
     state = read_state(path)
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    _load_trainable(path, module)
+    if "trainable.safetensors" in state.get("files", {}):  # a trainer state has none: the policy has them
+        _load_trainable(path, module)
     try:
         set_optimizer_state_dict(module, optimizer, _torch_load(path, "optimizer.pt"), options=_full())
         scheduler.load_state_dict(_torch_load(path, "scheduler.pt"))
@@ -329,4 +335,14 @@ def save_policy(module, tokenizer, folder, *, base_path=None, merge: bool = Fals
         module = module.to(getattr(torch, dtype))
     module.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
+    if what == "adapter":
+        _sort_target_modules(Path(folder) / "adapter_config.json")
     return what
+
+
+def _sort_target_modules(config: Path) -> None:
+    """PEFT writes `target_modules` (a set) in a per-process order: sorted, the same adapter is the same bytes."""
+    data = json.loads(config.read_text())
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        config.write_text(json.dumps(data, indent=2, sort_keys=True))

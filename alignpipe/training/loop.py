@@ -115,10 +115,10 @@ def trainable(module) -> list:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def build_optimizer(module, lr: float, weight_decay: float, fused: bool = True):
-    """AdamW; weight decay on matrices only (not on biases and norm scales). The fused kernel (one pass per
-    tensor; on CPU 4x faster than the per-tensor loop for SmolLM2-135M) unless `fused` is off (sharded
-    parameters) or this torch lacks it for the device."""
+def build_optimizer(module, lr: float, weight_decay: float, fused: bool = True, betas=(0.9, 0.999)):
+    """AdamW (betas as given); weight decay on matrices only (not on biases and norm scales). The fused kernel
+    (one pass per tensor; on CPU 4x faster than the per-tensor loop for SmolLM2-135M) unless `fused` is off
+    (sharded parameters) or this torch lacks it for the device."""
     import torch
 
     params = trainable(module)
@@ -127,10 +127,10 @@ def build_optimizer(module, lr: float, weight_decay: float, fused: bool = True):
     groups = [g for g in groups if g["params"]]
     if fused:
         try:
-            return torch.optim.AdamW(groups, lr=lr, fused=True)
+            return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
         except (RuntimeError, TypeError):
             pass
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
 
 
 def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:
@@ -156,7 +156,7 @@ def build_scheduler(optimizer, kind: str, warmup: int, total: int):
 
 def prepare(module, *, reference: Reference, task: str, loss: str, hparams: dict, pad_id: int, dist: Dist,
             normalization: Normalization, lr: float, weight_decay: float, scheduler: str, warmup_steps: int,
-            total_steps: int, dtype: str = "float32", max_grad_norm: float = 1.0) -> Run:
+            total_steps: int, dtype: str = "float32", max_grad_norm: float = 1.0, betas=(0.9, 0.999)) -> Run:
     """Move the policy to its device, wrap it (DDP) or shard it (FSDP2), build optimizer and schedule."""
     module.to(dist.device).train()
     if reference.model is not None:
@@ -169,7 +169,7 @@ def prepare(module, *, reference: Reference, task: str, loss: str, hparams: dict
 
         ids = [dist.device] if dist.device.startswith("cuda") else None
         model = DistributedDataParallel(module, device_ids=ids)
-    optimizer = build_optimizer(module, lr, weight_decay, fused=not dist.sharded)
+    optimizer = build_optimizer(module, lr, weight_decay, fused=not dist.sharded, betas=betas)
     sched = build_scheduler(optimizer, scheduler, warmup_steps, total_steps)
     return Run(model, module, optimizer, sched, reference, task, loss, hparams, pad_id, dist, normalization,
                dtype, max_grad_norm)
@@ -309,11 +309,11 @@ def optimizer_step(run: Run, keys: list[str], values, step: int) -> dict:
     for name, value in (("loss", metrics["loss"]), ("gradient norm", norm)):
         if not math.isfinite(value):
             raise TrainingDiverged(f"{name} is {value} at step {step}")
-    lr = run.scheduler.get_last_lr()[0]
+    lr, global_step = run.scheduler.get_last_lr()[0], run.scheduler.last_epoch + 1  # over continued runs too
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {**metrics, "grad_norm": norm, "lr": lr}
+    return {**metrics, "grad_norm": norm, "lr": lr, "global_step": global_step}
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -332,9 +332,10 @@ def train_step(run: Run, ds, groups: list, stored_reference: bool, step: int) ->
 
 
 def fit(run: Run, ds, batch_groups: list, plan, *, start_step: int = 0, log=None, partial=None,
-        save_every: int = 0, on_step=None, last_checkpoint=None) -> None:
+        save_every: int = 0, on_step=None, last_checkpoint=None, keep_state: bool = False) -> None:
     """Steps start_step+1 .. plan.total_steps: metrics to `log` (rank 0), a checkpoint every `save_every`
-    steps and after the last into `partial`, `on_step(row)` after each step. A divergence names the last
+    steps and after the last (also without `save_every` when `keep_state`: the policy's trainer state) into
+    `partial`, `on_step(row)` after each step. A divergence names the last
     good checkpoint."""
     from alignpipe.training.checkpoint import save_checkpoint
 
@@ -351,7 +352,7 @@ def fit(run: Run, ds, batch_groups: list, plan, *, start_step: int = 0, log=None
         if on_step is not None:
             on_step(row)
         # a checkpoint after the last step too: a crash while writing the output resumes with no step left
-        if save_every and (step % save_every == 0 or step == plan.total_steps):
+        if (save_every and step % save_every == 0) or ((save_every or keep_state) and step == plan.total_steps):
             state = {"metrics": log.history if log is not None else [],
                      "next_batch_index": row["batch_index"] + 1}
             d = run.dist

@@ -296,14 +296,28 @@ LOSSES.add("robust-dpo", robust_dpo_loss, task="pairwise", needs_reference=True,
 _PG = {"eps_low": "clip below: rho >= 1 - eps_low counts for A < 0",
        "eps_high": "clip above: rho <= 1 + eps_high counts for A > 0 (DAPO's clip-higher: eps_high > eps_low)",
        "kl_coef": "coefficient of the k3 KL to the reference per token (needs build-batches --reference)"}
+_TIS = {"tis_cap": "truncated importance sampling C (Yao et al. 2025): each token times sg(min(pi_old/mu, C)), the "
+                   "ratio then to pi_old = the trainer's own log-prob at this step; 0: off (ratio to mu, the sampler)"}
 LOSSES.add("grpo", pg.grpo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
-           paper="Shao et al. 2024, DeepSeekMath GRPO (arXiv 2402.03300)", docs=_PG)
+           paper="Shao et al. 2024, DeepSeekMath GRPO (arXiv 2402.03300)", docs={**_PG, **_TIS})
 LOSSES.add("dr-grpo", pg.dr_grpo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
            paper="Liu et al. 2025, Dr. GRPO (arXiv 2503.20783)",
-           docs={**_PG, "max_tokens": "the constant C token sums are divided by (0: the batch's longest answer)"})
+           docs={**_PG, **_TIS,
+                 "max_tokens": "the constant C token sums are divided by (0: the batch's longest answer)"})
 LOSSES.add("dapo", pg.dapo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
            paper="Yu et al. 2025, DAPO (arXiv 2503.14476)",
-           docs={**_PG, "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"})
+           docs={**_PG, **_TIS, "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"})
+LOSSES.add("gspo", pg.gspo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
+           paper="Zheng et al. 2025, GSPO (arXiv 2507.18071)",
+           docs={**_TIS, "eps_low": "clip below of the answer's ratio s_i (geometric mean of its token ratios)",
+                 "eps_high": "clip above of the answer's ratio s_i",
+                 "kl_coef": _PG["kl_coef"]})
+LOSSES.add("cispo", pg.cispo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
+           paper="MiniMax 2025, MiniMax-M1 CISPO (arXiv 2506.13585)",
+           docs={**_TIS, "eps_low": "the importance weight is raised to at least 1 - eps_low (1: no lower bound)",
+                 "eps_high": "the importance weight is cut at 1 + eps_high (TRL's epsilon_high = 1 + eps_high)",
+                 "kl_coef": _PG["kl_coef"],
+                 "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"})
 PG_LOSSES = {name: c.fn for name, c in LOSSES.items() if c.task == "group"}  # token-level losses
 
 

@@ -28,8 +28,13 @@ class TrainOptions:
     reference: str = "auto"
     lr: float = 1e-6
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
     scheduler: str = "cosine"
     warmup_steps: int = 0
+    schedule_steps: int | None = None
+    continue_from: Path | None = None
+    trainer_state: bool = True
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     weight_normalization: str = "dataset"
@@ -71,10 +76,14 @@ def check_options(o: TrainOptions) -> None:
     if not o.lr > 0:
         raise UserError(f"--lr {o.lr}: must be > 0")
     limits = (("--grad-accum", o.grad_accum, 1), ("--epochs", o.epochs, 1), ("--warmup-steps", o.warmup_steps, 0),
-              ("--save-every", o.save_every, 0), ("--max-steps", 1 if o.max_steps is None else o.max_steps, 1))
+              ("--save-every", o.save_every, 0), ("--max-steps", 1 if o.max_steps is None else o.max_steps, 1),
+              ("--schedule-steps", 1 if o.schedule_steps is None else o.schedule_steps, 1))
     for name, v, low in limits:
         if v < low:
             raise UserError(f"{name} {v}: must be >= {low}")
+    for name, beta in (("--adam-beta1", o.adam_beta1), ("--adam-beta2", o.adam_beta2)):
+        if not 0 <= beta < 1:
+            raise UserError(f"{name} {beta}: must be in [0, 1)")
     for flag, value, known in (("--dtype", o.dtype, ("float32", "bfloat16")), ("--scheduler", o.scheduler, SCHEDULERS),
                                ("--weight-normalization", o.weight_normalization, tuple(WEIGHT_NORMALIZATIONS))):
         if value not in known:
@@ -165,6 +174,7 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     from alignpipe.data.output import StageOutput
     from alignpipe.models.loading import with_revision
     from alignpipe.training import checkpoint as ck
+    from alignpipe.training import continuation as cont
     from alignpipe.training import loop as tr
     from alignpipe.training import micro_batches as td
     from alignpipe.training.trackers import parse as parse_trackers
@@ -177,6 +187,7 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     lora = lora_options(o, spec.component.task)
     dist = tr.init_distributed(o.device, o.sharding)
     ref_inputs = [Path(o.reference)] if o.reference not in REFERENCE_CHOICES else []
+    ref_inputs += [Path(o.continue_from)] if o.continue_from is not None else []
     config = {**{k: v for k, v in config.items() if k != "beta"}, "loss": spec.identity()}  # --beta folded in
     so = StageOutput(out, stage="train", kind=None, inputs=[batches, o.policy] + ref_inputs, force=force,
                      config=config)
@@ -187,8 +198,11 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
         return ck.load_policy(o.policy, spec.component.task, lora=lora, init_reward_head=o.init_reward_head,
                               gradient_checkpointing=o.gradient_checkpointing)
 
+    prior = cont.read(o.continue_from) if o.continue_from is not None else None
     torch.manual_seed(o.seed)
     module, tokenizer = load()
+    if prior is not None:
+        cont.check_fits(o.continue_from, prior, module)
     task = spec.component.task
     pg_kl = task == "group" and (spec.kwargs.get("kl_coef") or 0) > 0  # per-token reference, stored only
     use_stored = (spec.component.needs_reference or pg_kl) and o.reference in ("auto", "stored")
@@ -200,24 +214,28 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
                   stored_reference=ref.kind == "stored")
     groups = td.batch_groups(ds)
     plan = td.Plan(len(groups), o.grad_accum, o.epochs, o.max_steps)
+    before = int(prior["step"]) if prior else 0
+    schedule = schedule_steps(o, before, plan.total_steps)
     norm = tr.Normalization(o.weight_normalization, td.dataset_scale(ds, task, plan.steps_per_epoch))
     hparams = dict(spec.kwargs)
     if hparams.get("mean_tokens") == 0 and o.weight_normalization == "dataset":  # DAPO: the dataset's tokens
         hparams["mean_tokens"] = td.mean_answer_tokens(ds)
     run = tr.prepare(module, reference=ref, task=task, loss=spec.name, hparams=hparams, dist=dist,
                      normalization=norm, pad_id=tokenizer.pad_token_id, lr=o.lr, weight_decay=o.weight_decay,
-                     scheduler=o.scheduler, warmup_steps=o.warmup_steps, total_steps=plan.total_steps,
-                     dtype=o.dtype, max_grad_norm=o.max_grad_norm)
+                     scheduler=o.scheduler, warmup_steps=o.warmup_steps, total_steps=schedule,
+                     dtype=o.dtype, max_grad_norm=o.max_grad_norm, betas=(o.adam_beta1, o.adam_beta2))
     _enter(so, dist)
     try:
         start, history, found = ck.resume(so.partial, run.module, run.optimizer, run.scheduler, rank=dist.rank,
                                           require=o.resume)
         log = _metrics_log(so, history, report_to, config) if dist.rank == 0 else None
+        continued = _continue(o, prior, run, found, schedule, say_it=log is not None)
         if log is not None and numerics and not numerics["match"]:
             from alignpipe.core.command import say
 
             say(f"train: note: {numerics['note']}")
-        _fit(run, ds, groups, plan, so, log, o, start, found, td.describe(batches, ds, groups), spec)
+        keep_state = o.trainer_state and not o.merge
+        _fit(run, ds, groups, plan, so, log, o, start, found, td.describe(batches, ds, groups), spec, keep_state)
         final = tr.unsharded(run, lambda: load()[0])
         line = None
         if log is not None:
@@ -225,15 +243,40 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
                       "reference": ref.kind, "weight_normalization": norm.rule, "dataset_scale": norm.scale,
                       "processes": dist.world, "device": dist.device, "sharding": dist.sharding,
                       "save_every": o.save_every, "resumed_from_step": start or None,
+                      "optimizer": cont.settings(o, schedule), "continued_from": continued,
                       **({"reference_numerics": numerics} if numerics else {})}
-            line = _finish(so, log, report, lambda folder: ck.save_policy(
-                final, tokenizer, folder, base_path=_base(Path(o.policy)), merge=o.merge, dtype=o.dtype))
+            line = _finish(so, log, report, _saver(o, so, run, final, tokenizer, schedule, keep_state))
         dist.barrier()
         return line
     finally:
         if dist.rank == 0:
             so.__exit__(None, None, None)
         tr.shutdown(dist)
+
+
+def schedule_steps(o: TrainOptions, before: int, steps: int) -> int:
+    """The schedule's length over the whole run: --schedule-steps, or the steps so far plus this run's."""
+    total = o.schedule_steps if o.schedule_steps is not None else before + steps
+    if total < before + steps:
+        raise UserError(f"--schedule-steps {total}: shorter than the run ({before} steps before this one, whose "
+                        f"{steps} steps end at {before + steps})")
+    return total
+
+
+def _continue(o: TrainOptions, prior: dict | None, run, found, schedule: int, say_it: bool) -> dict | None:
+    """--continue-from: the optimiser state of the previous policy restored (unless a checkpoint of this run
+    already was), a changed setting said in one line; what the manifest records."""
+    from alignpipe.core.command import say
+    from alignpipe.training import continuation as cont
+
+    if prior is None:
+        return None
+    if found is None:
+        cont.restore(o.continue_from, run, run.dist.rank)
+    changed = cont.changes(prior["settings"], cont.settings(o, schedule))
+    if changed and say_it:
+        say(f"train: optimiser settings changed from {o.continue_from}: {cont.describe(changed)}")
+    return {"path": str(o.continue_from), "global_step": int(prior["step"]), "changed": changed}
 
 
 def reference_numerics(batches: Path, ref, module, dtype: str, dist) -> dict | None:
@@ -250,7 +293,8 @@ def reference_numerics(batches: Path, ref, module, dtype: str, dist) -> dict | N
     return {"stored": stored, "train": used, "match": note is None, **({"note": note} if note else {})}
 
 
-def _fit(run, ds, groups, plan, so, log, o: TrainOptions, start: int, found, about: str, spec) -> None:
+def _fit(run, ds, groups, plan, so, log, o: TrainOptions, start: int, found, about: str, spec,
+         keep_state: bool) -> None:
     from alignpipe.core.command import say
     from alignpipe.core.progress import progress_bar
     from alignpipe.training import loop as tr
@@ -266,7 +310,25 @@ def _fit(run, ds, groups, plan, so, log, o: TrainOptions, start: int, found, abo
             bar.progress.update(bar.task, rate=f"loss {row['loss']:.4f}, {row['tokens/s']:,.0f} tok/s")
 
         tr.fit(run, ds, groups, plan, start_step=start, log=log, partial=so.partial, save_every=o.save_every,
-               on_step=show if log is not None else None, last_checkpoint=found)
+               on_step=show if log is not None else None, last_checkpoint=found, keep_state=keep_state)
+
+
+def _saver(o: TrainOptions, so, run, final, tokenizer, schedule: int, keep_state: bool):
+    """save(folder): the policy (alignpipe.training.checkpoint.save_policy) and, unless `keep_state` is off,
+    its trainer_state/ from the run's last checkpoint (alignpipe.training.continuation)."""
+    from alignpipe.data.manifest import TRAINER_STATE
+    from alignpipe.training import checkpoint as ck
+    from alignpipe.training import continuation as cont
+
+    def save(folder: Path) -> str:
+        if keep_state:
+            cont.export(ck.latest_checkpoint(so.partial), folder / TRAINER_STATE, world=run.dist.world,
+                        step=run.scheduler.last_epoch, settings_=cont.settings(o, schedule),
+                        params=cont.shapes(run.module))
+        return ck.save_policy(final, tokenizer, folder, base_path=_base(Path(o.policy)), merge=o.merge,
+                              dtype=o.dtype)
+
+    return save
 
 
 def _base(policy: Path) -> Path:
