@@ -304,10 +304,15 @@ def trl_installed() -> bool:
 def run_shape(shape: str, config: dict, a, sizes: dict, tok: Path, work: Path, peak: float) -> list[dict]:
     model = build_model(shape, config, tok, work)
     n = params_of(model)
-    stages, batches = pipeline(model, work / shape, a, sizes)
-    out = [{"bench": "gpu-stages", "shape": shape, "params": n, "stages": stages}]
+    out = []
+    if a.generate_only:  # the sampler against transformers alone: the part that fits a short GPU lease
+        refs = ()
+    else:
+        stages, batches = pipeline(model, work / shape, a, sizes)
+        out.append({"bench": "gpu-stages", "shape": shape, "params": n, "stages": stages})
+        refs = ("stored", "live")
     trl_ok = trl_installed()
-    for ref in ("stored", "live"):
+    for ref in refs:
         r = train_case(ref, model, batches, a, sizes, trl_ok)
         ours = r["alignpipe"]
         flops = (6 + (2 if ref == "live" else 0)) * n * ours["tokens/s"]
@@ -356,6 +361,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed sampling rounds [default: 2; --tiny: 1]")
     p.add_argument("--train-batch", type=int, default=None, help="pairs a training step [default: 8; 1.7b: 64]")
     p.add_argument("--out", default=None, help="results file [default: bench/results/gpu-<shapes>.jsonl]")
+    p.add_argument("--generate-only", action="store_true",
+                   help="only generate against transformers (skips the stage processes and training)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     for opt in ("side", "model", "ref", "policy", "reference", "batches"):
