@@ -20,10 +20,10 @@ from alignpipe.data.manifest import command_argv
 
 def test_chain_of_a_policy_back_to_import(tmp_path):
     run = make_run(tmp_path / "run", iters=2, prompts=3, payload=False)
-    nodes = lineage(run / "iter-1" / "policy")
-    assert nodes[0].path == str(run / "iter-1" / "policy") and nodes[0].stage == "train"
+    nodes = lineage(run / "iter-2" / "policy")
+    assert nodes[0].path == str(run / "iter-2" / "policy") and nodes[0].stage == "train"
     assert stages(nodes) == ["train", "reweight", "annotate", "generate", "import"]
-    assert {n.path for n in nodes} >= {str(run / "iter-0" / "policy"), str(run / "prompts")}
+    assert {n.path for n in nodes} >= {str(run / "iter-1" / "policy"), str(run / "prompts")}
     assert len({n.path for n in nodes}) == len(nodes)  # each output once (prompts feed both iterations)
     assert all(i.status in ("ok", "source") for n in nodes for i in n.inputs)
     assert {Path(i.path).name for i in sources(nodes)} == {"prompts.jsonl", "model"}
@@ -36,13 +36,13 @@ def test_chain_of_a_policy_back_to_import(tmp_path):
 
 def test_lineage_command_text_json_and_changed_inputs(tmp_path):
     run = make_run(tmp_path / "run", iters=1, prompts=3, payload=False)
-    as_json = json.loads(ok("lineage", run / "iter-0" / "weighted", "--json").stdout)
+    as_json = json.loads(ok("lineage", run / "iter-1" / "weighted", "--json").stdout)
     assert [n["stage"] for n in as_json] == ["reweight", "annotate", "generate", "import"]
-    assert as_json[0]["inputs"][0] == {"path": str(run / "iter-0" / "annotations"),
-                                       "resolved": str(run / "iter-0" / "annotations"),
-                                       "fingerprint": manifest(run / "iter-0" / "annotations")["fingerprint"],
+    assert as_json[0]["inputs"][0] == {"path": str(run / "iter-1" / "annotations"),
+                                       "resolved": str(run / "iter-1" / "annotations"),
+                                       "fingerprint": manifest(run / "iter-1" / "annotations")["fingerprint"],
                                        "status": "ok"}
-    out = ok("lineage", run / "iter-0" / "policy").stdout
+    out = ok("lineage", run / "iter-1" / "policy").stdout
     assert "[train]" in out and "rerun: cd " in out and "alignpipe import" in out and "(source)" in out
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "changed since"}\n')
     assert "(changed)" in ok("lineage", run / "prompts").stdout

@@ -288,7 +288,7 @@ def run(name, t, idx=None, weight=None, **hp):
 
 def test_registry_keys_and_specs():
     assert set(LOSSES) == {"sft", "reward", "dpo", "cdpo", "ipo", "slic", "kto", "simpo", "orpo",
-                           "robust-dpo", "grpo", "dr-grpo", "dapo"}
+                           "robust-dpo", "grpo", "dr-grpo", "dapo", "gspo", "cispo"}
     for spec in LOSSES.values():
         assert spec.task in {"sft", "reward", "pointwise", "pairwise", "group"} and spec.paper
 
@@ -381,9 +381,11 @@ def test_hyperparameters_are_signature_defaults():
         "robust-dpo": {"beta": 0.1, "label_smoothing": 0.1}, "ipo": {"tau": 0.1, "length_normalize": False},
         "slic": {"delta": 1.0, "lam": 0.1}, "simpo": {"beta": 2.0, "gamma": 0.5}, "orpo": {"lam": 0.1},
         "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
-        "grpo": {"eps_low": 0.2, "eps_high": 0.2, "kl_coef": 0.0},
-        "dr-grpo": {"eps_low": 0.2, "eps_high": 0.2, "kl_coef": 0.0, "max_tokens": 0},
-        "dapo": {"eps_low": 0.2, "eps_high": 0.28, "kl_coef": 0.0, "mean_tokens": 0.0},
+        "grpo": {"eps_low": 0.2, "eps_high": 0.2, "kl_coef": 0.0, "tis_cap": 0.0},
+        "dr-grpo": {"eps_low": 0.2, "eps_high": 0.2, "kl_coef": 0.0, "max_tokens": 0, "tis_cap": 0.0},
+        "dapo": {"eps_low": 0.2, "eps_high": 0.28, "kl_coef": 0.0, "mean_tokens": 0.0, "tis_cap": 0.0},
+        "gspo": {"eps_low": 3e-4, "eps_high": 4e-4, "kl_coef": 0.0, "tis_cap": 0.0},
+        "cispo": {"eps_low": 1.0, "eps_high": 4.0, "kl_coef": 0.0, "mean_tokens": 0.0, "tis_cap": 0.0},
     }
 
 
@@ -396,7 +398,7 @@ def test_compute_loss_filters_hparams(name):
     assert same(default, explicit) and same(default, ignored)
     if hyperparameters(name):  # and a real change of the first hparam is passed through
         k, v = next(iter(hyperparameters(name).items()))
-        assert not same(default, compute_loss(name, x, **{k: (not v) if isinstance(v, bool) else v * 0.5})[0])
+        assert not same(default, compute_loss(name, x, **{k: (not v) if isinstance(v, bool) else v * 0.05})[0])
 
 
 def test_weighted_mean_and_sum_helpers():

@@ -4,16 +4,20 @@ One file, no network and no script: inline CSS, plots as inline SVG and one base
 Policy that forbids scripts. Every text a model or a user wrote (answers, prompts, configs, paths) goes through
 `html.escape`, so an answer holding `<script>` shows as text. Sections:
 
-    summary     the per-policy table of summary.json (extra numeric columns such as accuracy adapt) and plots
+    headline    what the run did (loss, iterations, start model, prompts, reward) and what it achieved
+    summary     the per-policy table of summary.json under human labels (extra numeric columns such as accuracy
+                adapt) and the charts that fit the run (alignpipe.report.figures; report.png holds the same)
     answers     a fixed, seeded sample of held-out prompts: policy 0..K's answers side by side, with their
-                reward and the judge's verdict against policy 0 (answers sampled and cut: the size stays small)
+                reward (correct / wrong under a 0/1 verifier) and a judge's verdict against policy 0 (answers
+                sampled and cut: the size stays small)
     iterations  per iteration: weight histogram, effective sample size, dropped rows; training curves
                 (loss, KL, accuracy, ... from metrics.jsonl); rows, tokens and wall time of each stage
     lineage     per policy: the chain of manifests back to the prompts (alignpipe.data.lineage)
     trackers    links to the experiment trackers' runs (local folders, URIs) when there are any
 
-Layouts: online and RL runs (RUN/iter-K/{generations,annotations,weighted?,batches,policy} and
-RUN/eval/iter-K/...), and offline recipes (RUN/{data,weighted,batches,policy}). Missing parts are left out.
+Layouts (alignpipe.report.layout): online and RL runs (RUN/iter-K/{generations,annotations,weighted?,batches,
+policy} and RUN/eval/policy-K/...), and offline recipes (RUN/{data,weighted,batches,policy}). Missing parts are
+left out.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from pathlib import Path
 from alignpipe.data.lineage import lineage
 from alignpipe.data.manifest import read_manifest
 from alignpipe.report import svg
+from alignpipe.report.figures import achieved, describe, label, panels, run_kind
+from alignpipe.report.layout import Layout, layout
 
 CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'none'; object-src 'none'; "
        "base-uri 'none'; form-action 'none'; frame-src 'none'")
@@ -42,11 +48,10 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}.answers td{max-width:
 .win{background:#dfd}.loss{background:#fdd}.tie{background:#eee}.charts{display:flex;flex-wrap:wrap;gap:8px}
 pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px;white-space:pre-wrap;word-break:break-all}
 details{margin:6px 0}summary{cursor:pointer;font-weight:600}.muted{color:#777;font-size:12px}
+p.headline{font-size:15px;line-height:1.5;max-width:1100px}
 img.plot{max-width:100%;border:1px solid #eee}code{font-size:12px}
 """
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_PNG_COLUMNS = ("policy", "steps", "mean_reward", "win_rate_vs_0", "response_tokens", "train_loss",
-                "reward_accuracy", "kl")  # plotted in report.png; other columns get an SVG chart
 _SKIP_CURVES = {"step", "epoch", "batch_index", "seconds", "tokens/s", "examples/s", "tokens", "examples"}
 
 
@@ -61,10 +66,6 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def _iters(root: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in root.glob("iter-*") if p.name[5:].isdigit())
-
-
 def _load(path: Path):
     """The dataset at `path`, or None when it is absent, empty or unreadable (the report leaves it out)."""
     from alignpipe.core.errors import UserError
@@ -74,19 +75,6 @@ def _load(path: Path):
         return load(path) if read_manifest(path) else None
     except (UserError, OSError, ValueError):
         return None
-
-
-# ------------------------------------------------------------------------------------------------ layout
-def layout(run: Path) -> dict:
-    """Iteration folders (label -> folder), policy folders (K -> folder; 0 = the starting model), eval folders."""
-    iters = {f"iteration {k}": run / f"iter-{k}" for k in _iters(run)}
-    if not iters and any(read_manifest(run / s) for s in ("policy", "batches", "weighted", "data")):
-        iters = {"run": run}  # an offline recipe: the stages sit in RUN itself
-    policies = {k + 1: run / f"iter-{k}" / "policy" for k in _iters(run) if read_manifest(run / f"iter-{k}" / "policy")}
-    if "run" in iters and read_manifest(run / "policy"):
-        policies = {1: run / "policy"}
-    evals = {k: run / "eval" / f"iter-{k}" for k in _iters(run / "eval")}
-    return {"iterations": iters, "policies": policies, "evals": evals}
 
 
 # ----------------------------------------------------------------------------------------------- answers
@@ -105,7 +93,7 @@ def answers(evals: dict[int, Path], n: int = 8, seed: int = 0, max_chars: int = 
                 rewards[(r["prompt_id"], r.get("response1_sample_index") or 0)] = (r.get("response1_reward"),
                                                                                    r.get("response1_label"))
         verdicts = {}
-        versus = _load(folder / "versus-0")
+        versus = None if _verifier(folder) else _load(folder / "versus-0")  # a 0/1 verdict: right or wrong
         if versus is not None:
             verdicts = dict(zip(versus["prompt_id"], versus["preference"]))
         rows = {}
@@ -114,7 +102,7 @@ def answers(evals: dict[int, Path], n: int = 8, seed: int = 0, max_chars: int = 
             if r["sample_index"] == 0:
                 reward, label = rewards.get((r["prompt_id"], 0), (None, None))
                 resp = r["response"] or ""
-                rows[r["prompt_id"]] = {"prompt": r["prompt"], "response": resp[:max_chars],
+                rows[r["prompt_id"]] = {"prompt": r["prompt"], "response": resp[:max_chars], "verifier": _verifier(folder),
                                         "cut": len(resp) > max_chars, "tokens": r["num_tokens"],
                                         "finish": r["finish_reason"], "reward": reward, "label": label,
                                         "p_vs_0": verdicts.get(f"{r['prompt_id']}#0")}
@@ -127,6 +115,12 @@ def answers(evals: dict[int, Path], n: int = 8, seed: int = 0, max_chars: int = 
     return {"policies": sorted(by_policy), "prompts": [
         {"prompt_id": pid, "prompt": first[pid]["prompt"],
          "answers": {k: by_policy[k].get(pid) for k in sorted(by_policy)}} for pid in chosen]}
+
+
+def _verifier(folder: Path) -> bool:
+    """Whether the held-out scores of an evaluation folder come from verifiers alone (rewards: right or wrong)."""
+    annotators = ((read_manifest(folder / "scores") or {}).get("report") or {}).get("annotators") or []
+    return bool(annotators) and all(a.get("verifier") for a in annotators)
 
 
 # -------------------------------------------------------------------------------------------- iterations
@@ -171,10 +165,9 @@ def weights(folder: Path) -> dict | None:
 
 def curves(policy: Path, max_charts: int = 12) -> list[str]:
     """SVG charts of the training metrics of a policy folder (loss first, then every other numeric metric)."""
-    f = policy / "metrics.jsonl"
-    if not f.exists():
-        return []
-    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    from alignpipe.training.metrics import policy_metrics
+
+    rows = policy_metrics(policy)
     keys = list(dict.fromkeys(k for r in rows for k, v in r.items()
                               if k not in _SKIP_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool)))
     keys.sort(key=lambda k: (k != "loss", "kl" not in k.lower(), k))
@@ -198,7 +191,9 @@ def tracker_links(run: Path, policies: dict[int, Path]) -> list[dict]:
 
 # -------------------------------------------------------------------------------------------- rendering
 def _table(rows: list[dict], cols: list[str], table_id: str = "", numeric_data: bool = False) -> str:
-    head = "".join(f"<th>{text(c)}</th>" for c in cols)
+    """A table; with `numeric_data` its columns are summary keys: human labels, each cell's exact value kept."""
+    head = "".join(f'<th title="{text(c)}">{text(label(c))}</th>' if numeric_data else f"<th>{text(c)}</th>"
+                   for c in cols)
     body = []
     for r in rows:
         cells = []
@@ -226,7 +221,11 @@ def _answers_html(sample: dict) -> str:
                 cells.append('<td class="muted">-</td>')
                 continue
             badges = []
-            if a["reward"] is not None:
+            if a["verifier"]:
+                right = {None: ("tie", "no answer"), True: ("win", "correct"), False: ("loss", "wrong")}
+                cls, word = right[None if a["reward"] is None else a["reward"] > 0]
+                badges.append(f'<span class="badge {cls}">{word}</span>')
+            elif a["reward"] is not None:
                 badges.append(f'<span class="badge">reward {text(_fmt(a["reward"]))}</span>')
             if a["label"] is not None:
                 badges.append(f'<span class="badge">label {text(a["label"])}</span>')
@@ -242,12 +241,13 @@ def _answers_html(sample: dict) -> str:
             f"answer of each policy (sample_index 0), cut at 1200 characters.</p>")
 
 
-def _iteration_html(label: str, folder: Path, policy: Path | None, eval_folder: Path | None) -> str:
-    parts = [f"<h3>{text(label)}</h3>"]
+def _iteration_html(title: str, folder: Path, policy: Path | None, eval_folder: Path | None) -> str:
+    short = title.split(":")[0]
+    parts = [f"<h3>{text(title)}</h3>"]
     w = weights(folder / "weighted") if (folder / "weighted").is_dir() else None
     charts = []
     if w:
-        charts.append(svg.histogram(w["values"], f"{label}: example weights"))
+        charts.append(svg.histogram(w["values"], f"{short}: example weights"))
         facts = {"rows in": w["rows_in"], "rows out": w["rows_out"], "dropped rows": w["dropped"],
                  "effective sample size": w["ess"], "ESS / rows": w["ess_fraction"],
                  "strategies": ", ".join(w["strategies"] or [])}
@@ -269,6 +269,14 @@ def _iteration_html(label: str, folder: Path, policy: Path | None, eval_folder: 
     return "".join(parts)
 
 
+def _size(n) -> str:
+    """What a lineage node holds: its rows, or for a model folder the training steps that made it."""
+    if n.num_rows is not None:
+        return f"{n.num_rows} rows, "
+    steps = n.report.get("steps")
+    return f"model, {steps} training steps, " if steps is not None else ""
+
+
 def _lineage_html(k: int, policy: Path) -> str:
     nodes = lineage(policy)
     items = []
@@ -277,7 +285,7 @@ def _lineage_html(k: int, policy: Path) -> str:
                          for i in n.inputs)
         items.append(
             f'<details><summary>{"&nbsp;" * 4 * n.depth}{text(n.stage)}: <code>{text(n.path)}</code> '
-            f'<span class="muted">{text(_fmt(n.num_rows))} rows, {text(_fmt(n.seconds))} s, {text(n.started_at)}'
+            f'<span class="muted">{text(_size(n))}{text(_fmt(n.seconds))} s, {text(n.started_at)}'
             f"</span></summary><p>rerun:</p><pre>{text(n.rerun)}</pre><p>inputs:</p><ul>{inputs}</ul>"
             f"<p>config:</p><pre>{text(json.dumps(n.config, indent=1, sort_keys=True, default=str))}</pre>"
             f"<p class=\"muted\">fingerprint {text(n.fingerprint)}</p></details>")
@@ -298,38 +306,46 @@ def _trackers_html(links: list[dict]) -> str:
             + "".join(rows) + "</tbody></table>")
 
 
+def _charts(rows: list[dict], kind: str) -> list[str]:
+    """The summary's charts: the panels that fit the run, as SVG (the same as report.png's), on one policy axis."""
+    policies = [r["policy"] for r in rows] or [0]
+    return [svg.line_chart(p.points, p.title, "policy (0 = the start model)", integer_x=True,
+                           ylim=(0, 1.02) if p.unit else None, hline=p.chance, xlim=(min(policies), max(policies)))
+            for p in panels(rows, kind)]
+
+
+def _iterations(lay: Layout) -> str:
+    parts = []
+    for k, folder in lay.iterations.items():
+        title = "run" if lay.offline else (f"iteration {k}: answers of policy {k - 1} train policy {k} "
+                                           f"({folder.relative_to(lay.run)}/)")
+        parts.append(_iteration_html(title, folder, lay.policies.get(k), None))
+    for k, folder in lay.evals.items():
+        if stage_rows(folder):
+            parts.append(f"<h3>held-out evaluation of policy {k} ({text(folder.relative_to(lay.run))}/)</h3>"
+                         + _table(stage_rows(folder), ["output", "stage", "rows", "tokens", "seconds"]))
+    return "".join(parts) or '<p class="muted">No iteration folders.</p>'
+
+
 def render(run: Path, rows: list[dict], columns: list[str], png: bytes | None = None, *, sample: int = 8,
            seed: int = 0) -> str:
     """The whole report as one HTML string."""
     lay = layout(run)
-    shown = _PNG_COLUMNS if png else ("policy", "steps")
-    summary_charts = [svg.line_chart({c: [(r["policy"], r[c]) for r in rows if r.get(c) is not None]}, c,
-                                         "policy (iteration)", integer_x=True,
-                                         ylim=(0, 1.02) if c in ("win_rate_vs_0", "reward_accuracy") else None,
-                                         hline=0.5 if c in ("win_rate_vs_0", "reward_accuracy") else None)
-                      for c in columns if c not in shown]
-    png_html = (f'<img class="plot" alt="report plots" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    png_html = ('<details><summary>report.png: the same charts as one image</summary><img class="plot" '
+                f'alt="report plots" src="data:image/png;base64,{base64.b64encode(png).decode()}"></details>'
                 if png else "")
-    iters = []
-    for label, folder in lay["iterations"].items():
-        k = int(folder.name[5:]) if folder.name.startswith("iter-") else None
-        policy = lay["policies"].get(k + 1 if k is not None else 1)
-        iters.append(_iteration_html(label, folder, policy, None))
-    for k, folder in lay["evals"].items():
-        if stage_rows(folder):
-            iters.append(f"<h3>held-out evaluation of policy {k}</h3>"
-                         + _table(stage_rows(folder), ["output", "stage", "rows", "tokens", "seconds"]))
-    links = tracker_links(run, lay["policies"])
+    links = tracker_links(run, lay.policies)
     sections = [
         f"<h1>alignpipe report: {text(run)}</h1>",
-        (f'<p class="muted">written {time.strftime("%Y-%m-%d %H:%M:%S")}; policy K is the policy after K training '
-         f"iterations (0 = the start).</p>"),
+        f'<p class="headline">Run: {text(describe(lay))}<br>Result: <b>{text(achieved(rows))}</b></p>',
+        (f'<p class="muted">written {time.strftime("%Y-%m-%d %H:%M:%S")}; policy K is the model after K training '
+         f"iterations (0 = the start model).</p>"),
         "<h2 id=\"summary-section\">Summary</h2>", _table(rows, columns, "summary", numeric_data=True),
-        '<div class="charts">' + "".join(c for c in summary_charts if c) + "</div>", png_html,
-        "<h2>Answers on held-out prompts</h2>", _answers_html(answers(lay["evals"], n=sample, seed=seed)),
-        "<h2>Iterations</h2>", "".join(iters) or '<p class="muted">No iteration folders.</p>',
+        '<div class="charts">' + "".join(c for c in _charts(rows, run_kind(lay)) if c) + "</div>", png_html,
+        "<h2>Answers on held-out prompts</h2>", _answers_html(answers(lay.evals, n=sample, seed=seed)),
+        "<h2>Iterations</h2>", _iterations(lay),
         "<h2>Lineage of each policy</h2>",
-        "".join(_lineage_html(k, p) for k, p in sorted(lay["policies"].items())) or '<p class="muted">No policies.</p>',
+        "".join(_lineage_html(k, p) for k, p in sorted(lay.policies.items())) or '<p class="muted">No policies.</p>',
     ]
     if links:
         sections += ["<h2>Experiment trackers</h2>", _trackers_html(links)]

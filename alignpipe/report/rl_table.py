@@ -1,11 +1,13 @@
-"""The per-iteration table of an RL run folder (pipelines/rl.mk), as Markdown on stdout.
+"""The per-policy table of an RL run folder (pipelines/rl.mk), as Markdown on stdout.
 
     python -m alignpipe.report.rl_table runs/demo-rl > runs/demo-rl/report/rl-table.md
 
-One row per policy K: held-out accuracy greedy and over the sampled answers (temperature 1), the mean reward
-of the answers policy K sampled for training, the mean held-out answer length in tokens, KL(policy K ||
-policy 0) on its held-out answers (nats per answer), the equal-reward groups dropped in its iteration and
-the stage seconds of the iteration (generate, annotate, build-batches, train) and of its evaluation.
+One row per evaluated policy K (0 = the start model): held-out accuracy greedy and over the sampled answers
+(temperature 1), the mean reward of the training answers policy K sampled (for iteration K+1; the same row as
+`train_reward` in summary.md), the mean held-out answer length in tokens, KL(policy K || policy 0) on its
+held-out answers (nats per answer), the equal-reward groups dropped from policy K's training answers, the
+stage seconds of iteration K, which trained policy K (generate, annotate, build-batches, train), and of
+policy K's evaluation.
 """
 from __future__ import annotations
 
@@ -33,23 +35,28 @@ def _seconds(*paths: Path) -> float:
 
 
 def rows(run: Path) -> list[dict]:
-    out, k = [], 0
-    while (run / "eval" / f"iter-{k}").is_dir():
-        ev, it = run / "eval" / f"iter-{k}", run / f"iter-{k}"
-        batches = _manifest(it / "batches").get("report", {}).get("inputs", [{}])
+    from alignpipe.report.layout import layout
+
+    lay, out = layout(run), []
+    for k, ev in lay.evals.items():
+        trained, sampled = lay.iterations.get(k), lay.sampled_by(k)
+        dropped = None
+        if sampled is not None:
+            inputs = _manifest(sampled / "batches").get("report", {}).get("inputs") or [{}]
+            dropped = inputs[0].get("equal_groups_dropped")
         out.append({
             "policy": k,
             "greedy_accuracy": _mean(ev / "greedy-scores", "response1_reward"),
             "sampled_accuracy": _mean(ev / "scores", "response1_reward"),
-            "train_reward": _mean(it / "annotations", "response1_reward"),
+            "train_reward": _mean(sampled / "annotations", "response1_reward") if sampled else None,
             "answer_tokens": _mean(ev / "generations", "num_tokens"),
             "kl_to_start": _manifest(ev / "versus-0").get("report", {}).get("kl_vs_reference", 0.0 if k == 0 else None),
-            "equal_groups_dropped": batches[0].get("equal_groups_dropped") if batches else None,
-            "iteration_s": _seconds(*(it / s for s in ("generations", "annotations", "batches", "policy"))),
+            "equal_groups_dropped": dropped,
+            "iteration_s": _seconds(*(trained / s for s in ("generations", "annotations", "batches", "policy")))
+            if trained else 0.0,
             "eval_s": _seconds(*(ev / s for s in ("generations", "scores", "greedy-generations", "greedy-scores",
                                                   "versus-0"))),
         })
-        k += 1
     return out
 
 

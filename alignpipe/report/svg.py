@@ -65,7 +65,7 @@ def _frame(title: str, xlabel: str, x0: float, x1: float, y0: float, y1: float, 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str = "step",
                ylim: tuple[float, float] | None = None, integer_x: bool = False, hline: float | None = None,
-               max_points: int = 400) -> str:
+               max_points: int = 400, xlim: tuple[float, float] | None = None) -> str:
     """One or more (x, y) series on shared axes; long series are thinned to `max_points` for size."""
     pts = {k: [(float(x), float(y)) for x, y in v if y is not None and math.isfinite(float(y))]
            for k, v in series.items()}
@@ -74,7 +74,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
         return ""
     xs = [x for v in pts.values() for x, _ in v]
     ys = [y for v in pts.values() for _, y in v] + ([hline] if hline is not None else [])
-    x0, x1 = min(xs), max(xs)
+    x0, x1 = xlim or (min(xs), max(xs))
     y0, y1 = ylim or (min(ys), max(ys))
     if y1 - y0 < 1e-12:
         y0, y1 = y0 - 0.5 * (abs(y0) or 1), y1 + 0.5 * (abs(y1) or 1)
