@@ -36,6 +36,14 @@
 #   LR, LORA_R, MAX_NEW_TOKENS, TEMPERATURE, SEED: training and sampling settings
 #   EVAL_ANNOTATOR   the held-out verifier (default: ANNOTATOR)
 #   SCHEDULER, WARMUP train's learning-rate schedule and warmup steps (constant, 0)
+#   SHAPING          more annotator specs added to the training reward (space-separated), e.g.
+#                    SHAPING='overlong,max_tokens=16,cache=4,weight=0.5 format,weight=0.1' (held-out: EVAL_ANNOTATOR)
+#   ALGO             grpo (default: advantages from each group's rewards, ADVANTAGE) | ppo: a critic beside the
+#                    policy, GAE advantages per token (--advantage gae), policy loss LOSS (default ppo) and the
+#                    critic trained on the same batches each iteration (--loss VALUE_LOSS) -> critic K+1
+#   CRITIC           ppo: critic 0, a reward model folder or a causal LM (a new zero value head; default MODEL)
+#   GAMMA, LAM       ppo: GAE's discount and lambda (1.0, 0.95)
+#   VALUE_LOSS, CRITIC_LR, CRITIC_OPTS  ppo: the critic's loss (value,clip=0.2), learning rate, other train flags
 #   CONFIG           one YAML file with a section per stage, passed to every stage; the defaults here then give
 #                    way to it, variables given on the command line still win (pipelines/configs/rl-demo.yaml
 #                    is the demo: make -f pipelines/rl.mk run CONFIG=pipelines/configs/rl-demo.yaml)
@@ -52,7 +60,17 @@ ANNOTATOR ?= exact-answer
 EVAL_ANNOTATOR ?= $(ANNOTATOR)
 ADVANTAGE ?= grpo
 EQUAL_GROUPS ?= drop
+ALGO ?= grpo
+ifeq ($(ALGO),ppo)
+LOSS ?= ppo
+endif
 LOSS ?= grpo
+SHAPING ?=
+GAMMA ?= 1.0
+LAM ?= 0.95
+VALUE_LOSS ?= value,clip=0.2
+CRITIC_LR ?= 1e-4
+CRITIC_OPTS ?=
 LR ?= 5e-4
 LORA_R ?= 16
 EPOCHS ?= 1
@@ -78,6 +96,12 @@ policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(shell echo $$(($(1)-1)))/p
 policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy/manifest.json)
 first_row = $(shell echo $$(($(1)*$(PROMPTS_PER_ITER) % $(TRAIN_ROWS))))
 ITER_LIST := $(shell seq 0 $$(($(ITERS)-1)))
+comma := ,
+CRITIC ?= $(MODEL)
+critic = $(if $(filter 0,$(1)),$(CRITIC),$(RUN)/iter-$(shell echo $$(($(1)-1)))/critic)
+critic_dep = $(if $(filter ppo,$(ALGO)),$(if $(filter 0,$(1)),,$(RUN)/iter-$(shell echo $$(($(1)-1)))/critic/manifest.json))
+advantage = $(if $(filter ppo,$(ALGO)),--advantage 'gae$(comma)gamma=$(GAMMA)$(comma)lam=$(LAM)$(comma)critic=$(call critic,$(1))',$(call opt,--advantage,ADVANTAGE))
+LAST_CRITIC := $(if $(filter ppo,$(ALGO)),$(RUN)/iter-$(shell echo $$(($(ITERS)-1)))/critic/manifest.json)
 POLICY_LIST := $(shell seq 0 $(ITERS))
 
 .PHONY: run demo demo-tiny report
@@ -96,16 +120,20 @@ $(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call 
 	  $(call opt,--temperature,TEMPERATURE) --seed $(shell echo $$(($(SEED)*1000+$(1)))) --iteration $(1) \
 	  $(CONFIG_OPT) $(GEN_OPTS)
 $(RUN)/iter-$(1)/annotations/manifest.json: $(RUN)/iter-$(1)/generations/manifest.json
-	$(ALIGNPIPE) annotate $(RUN)/iter-$(1)/generations $(call opt,--annotator,ANNOTATOR) --pairing pointwise \
-	  --out $(RUN)/iter-$(1)/annotations $(CONFIG_OPT)
-$(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.json
-	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/annotations --task group $(call opt,--advantage,ADVANTAGE) \
+	$(ALIGNPIPE) annotate $(RUN)/iter-$(1)/generations $(call opt,--annotator,ANNOTATOR) \
+	  $(foreach s,$(SHAPING),--annotator '$(s)') --pairing pointwise --out $(RUN)/iter-$(1)/annotations $(CONFIG_OPT)
+$(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.json $(call critic_dep,$(1))
+	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/annotations --task group $(call advantage,$(1)) \
 	  $(call opt,--equal-groups,EQUAL_GROUPS) --tokenizer $(MODEL) $(call opt,--batch-size,BATCH) --seed $(SEED) \
 	  $(REFERENCE_OPTS) --out $(RUN)/iter-$(1)/batches $(CONFIG_OPT)
 $(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(1))
 	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(1)) $(call opt,--loss,LOSS) \
 	  $(call opt,--lr,LR) $(call opt,--scheduler,SCHEDULER) $(call opt,--warmup-steps,WARMUP) \
 	  $(call opt,--epochs,EPOCHS) --seed $(SEED) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
+$(RUN)/iter-$(1)/critic/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call critic_dep,$(1))
+	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call critic,$(1)) --loss '$(VALUE_LOSS)' \
+	  --lr $(CRITIC_LR) --scheduler constant --epochs $(EPOCHS) --seed $(SEED) $(CRITIC_OPTS) \
+	  --out $(RUN)/iter-$(1)/critic
 endef
 
 define EVALUATION
@@ -136,7 +164,7 @@ EVAL_TARGETS := $(foreach k,$(POLICY_LIST),$(RUN)/eval/iter-$(k)/scores/manifest
                   $(RUN)/eval/iter-$(k)/greedy-scores/manifest.json) \
                 $(foreach k,$(filter-out 0,$(POLICY_LIST)),$(RUN)/eval/iter-$(k)/versus-0/manifest.json)
 
-$(RUN)/report/summary.md: $(EVAL_TARGETS) $(RUN)/iter-$(shell echo $$(($(ITERS)-1)))/policy/manifest.json
+$(RUN)/report/summary.md: $(EVAL_TARGETS) $(RUN)/iter-$(shell echo $$(($(ITERS)-1)))/policy/manifest.json $(LAST_CRITIC)
 	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report
 	$(PY) -m alignpipe.report.rl_table $(RUN) > $(RUN)/report/rl-table.md
 

@@ -24,9 +24,10 @@ if __name__ == "schemas":  # the old top-level spelling, imported before alignpi
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = "2.1"  # 1.1: response{1,2}_finish_reason; 1.2: the sampled token ids (generations on);
+SCHEMA_VERSION = "2.2"  # 1.1: response{1,2}_finish_reason; 1.2: the sampled token ids (generations on);
 # 2.0: batches-* carry one `weight` per example instead of response{1,2}_weight (a renamed column: major);
-# 2.1: per-token behaviour log-probs (generations on), `reference` in annotations, the batches-group kind
+# 2.1: per-token behaviour log-probs (generations on), `reference` in annotations, the batches-group kind;
+# 2.2: batches-group's per-token critic values, returns and advantages (--advantage gae, PPO)
 
 
 @dataclass(frozen=True)
@@ -145,12 +146,20 @@ KINDS: dict[str, tuple[str, list[Column]]] = {
     "batches-pairwise": ("build-batches --task pairwise", _BATCH_HEAD + _batch_response(1, reward=True, ref=True)
                          + _batch_response(2, reward=True, ref=True)),
     "batches-group": ("build-batches --task group", _BATCH_HEAD + _batch_response(1, reward=True, ref=False) + [
-        _c("response1_advantage", "float64", "Advantage of response 1 from its group's rewards (--advantage)."),
+        _c("response1_advantage", "float64", "Advantage of response 1 from its group's rewards (--advantage); with "
+           "--advantage gae the token mean of response1_token_advantages."),
         _c("response1_group_size", "int32", "Answers in the group (same prompt and iteration) it was estimated from."),
         _c("response1_behaviour_logps", "floats", "Per-token log-probs of response1_input_ids under the policy that "
            "sampled them (from generate), cut with the response when truncated."),
         _c("response1_ref_logps", "floats", "Per-token reference log-probs of response1_input_ids; null unless "
            "cached (build-batches --reference).", True),
+        _c("response1_values", "floats", "The critic's value V(x, y_<t) of each token of response1_input_ids when the "
+           "batches were built (--advantage gae; value clipping's V_old); null with other estimators.", True),
+        _c("response1_returns", "floats", "GAE returns R_t = A_t + V_t of each token (before whitening): the value "
+           "loss's target (--advantage gae); null with other estimators.", True),
+        _c("response1_token_advantages", "floats", "GAE advantage A_t of each token, whitened over the batch unless "
+           "whiten=false (--advantage gae): the policy loss's per-token advantage; null with other estimators "
+           "(one advantage per answer, response1_advantage).", True),
     ]),
 }
 

@@ -12,6 +12,8 @@ log-probs under the reference model, computed in resumable shards, so `train` ne
 they are computed as `train` computes the policy's for the same `--dtype` (bfloat16: autocast over float32
 weights), batch by stored batch, so with policy = reference the first DPO loss is exactly log 2. How they
 were computed is recorded in the manifest (`reference_numerics`); train notes any difference from its own.
+`--task group --advantage gae,critic=CRITIC` (PPO) stores the critic's per-token values, GAE returns and
+per-token advantages (`alignpipe.batches.critic`), the values computed in the same resumable shards.
 
 Bad input: an empty prompt, a NaN/negative weight, a non-finite reward, a preference outside [0, 1],
 mismatched pair ids and a task that needs rewards on data without them are errors naming the row and column;
@@ -165,13 +167,13 @@ def group_reference_logps(part, model, *, pad_id: int, device):
 
 
 # --------------------------------------------------------------------------------------------- command
-def _check_vocab(ds, model, num_responses: int, reference: Path) -> None:
+def _check_vocab(ds, model, num_responses: int, reference: Path, what: str = "--reference") -> None:
     size = model.get_input_embeddings().num_embeddings
     cols = ["prompt_input_ids"] + [f"response{k}_input_ids" for k in range(1, num_responses + 1)]
     top = max(max(ids, default=0) for c in cols for ids in ds[c])
     if top >= size:
-        raise UserError(f"--reference {reference}: has {size} token embeddings but the tokenizer produced id {top}; "
-                        f"use the reference model's tokenizer")
+        raise UserError(f"{what} {reference}: has {size} token embeddings but the tokenizer produced id {top}; "
+                        f"use the {'reference' if what == '--reference' else 'same'} model's tokenizer")
 
 
 def _options(batch_size, max_tokens_per_batch, mix, num_inputs, **kw) -> BatchOptions:
@@ -261,7 +263,7 @@ def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokeniz
     spec = tasks.task(task)
     PAIRINGS.parse(opts.pairs, flag="--pairs")
     tasks.parse_threshold(opts.threshold)
-    ADVANTAGES.parse(opts.advantage)
+    critic = _critic(opts.advantage, spec.kind)
     if opts.equal_groups not in EQUAL_GROUPS:
         raise UserError(f"--equal-groups '{opts.equal_groups}': choose from {', '.join(EQUAL_GROUPS)}")
     if reference is not None and spec.kind not in ("batches-pointwise", "batches-pairwise", "batches-group"):
@@ -272,6 +274,7 @@ def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokeniz
     data = [(*read_input(p, spec.input_kinds, stage="build-batches"), str(p)) for p in inputs]
     tok_path = tokenizer or reference
     models = [tok_path] + ([reference] if reference is not None and reference != tok_path else [])
+    models += [critic] if critic is not None else []
     template = [chat_template] if chat_template is not None else []
     so = StageOutput(out, stage="build-batches", kind=spec.kind, config=config,
                      inputs=list(inputs) + models + template, force=force)
@@ -280,6 +283,7 @@ def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokeniz
     tok = load_tokenizer(tok_path, chat_template=chat_template)
     with so:
         ds, so.report = build_batches(data, tok, task, opts)
+        passes = []  # per-shard passes of models over the batches (resumable together)
         if reference is not None:
             from alignpipe.models import logprobs
             from alignpipe.training.micro_batches import batch_groups
@@ -297,9 +301,49 @@ def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokeniz
                                        task=spec.kind.removeprefix("batches-"), pad_id=tok.pad_token_id,
                                        dtype=dtype, device=dev)
 
-            ds = map_shards(so, ds, shard, shard_size, "reference log-probs")
+            passes.append(shard)
+        if critic is not None:
+            passes.append(_critic_pass(ds, critic, tok.pad_token_id, dtype, device))
+        if passes:
+            ds = map_shards(so, ds, lambda part, index: _chain(passes, part, index), shard_size,
+                            " + ".join((["reference log-probs"] if reference else []) + (["critic values"] if critic else [])))
+        if critic is not None:
+            from alignpipe.batches.critic import apply_gae
+
+            ds, so.report["gae"] = apply_gae(ds, ADVANTAGES.parse(opts.advantage))
         so.finish(ds)
     return _report_lines(so.report, task, out)
+
+
+def _critic(advantage: str, kind: str) -> Path | None:
+    """The critic folder of `--advantage gae,critic=PATH` (checked before anything loads), else None."""
+    from alignpipe.models.loading import check_model_folder
+
+    spec = ADVANTAGES.parse(advantage)
+    if not spec.component.meta.get("per_token"):
+        return None
+    if kind != "batches-group":
+        raise UserError(f"--advantage '{advantage}': per-token advantages are for --task group")
+    return check_model_folder(spec.kwargs["critic"], f"--advantage '{advantage}': critic")
+
+
+def _critic_pass(ds, critic: Path, pad_id: int, dtype: str, device: str):
+    """The per-shard pass of the critic: `response1_values` (alignpipe.batches.critic.value_shard)."""
+    from alignpipe.batches.critic import value_shard
+    from alignpipe.models.values import load_value_model
+
+    weights = "float32" if dtype == "bfloat16" else dtype
+    model, _ = load_value_model(critic, dtype=weights, device=device, pad_token_id=pad_id)
+    model.eval()
+    _check_vocab(ds, model, 1, critic, what="critic")
+    dev = next(model.parameters()).device
+    return lambda part, index: value_shard(part, model, pad_id=pad_id, device=dev)
+
+
+def _chain(passes: list, part, index: int):
+    for fn in passes:
+        part = fn(part, index)
+    return part
 
 
 def _report_lines(r: dict, task: str, out: Path) -> str:

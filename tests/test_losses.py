@@ -184,7 +184,12 @@ def _pointwise_inputs(fields):
 def loss_inputs(name, fields):
     """LossInputs, or TokenInputs for the group task, from rand_fields-style fields."""
     from alignpipe.training.policy_gradient import TokenInputs
+    from alignpipe.training.value import ValueInputs
 
+    if LOSSES[name].meta.get("model") == "value":  # PPO's critic: tok_logp stands for its values V
+        v = fields["tok_logp"]
+        return ValueInputs(values=v, old_values=v.detach() + fields["tok_shift"],
+                           returns=v.detach() - 2 * fields["tok_shift"], mask=fields["tok_mask"], weight=fields["weight"])
     if LOSSES[name].task == "group":
         return TokenInputs(logp=fields["tok_logp"], behaviour_logp=fields["tok_logp"].detach() + fields["tok_shift"],
                            mask=fields["tok_mask"], advantage=fields["advantage"], weight=fields["weight"])
@@ -288,7 +293,7 @@ def run(name, t, idx=None, weight=None, **hp):
 
 def test_registry_keys_and_specs():
     assert set(LOSSES) == {"sft", "reward", "dpo", "cdpo", "ipo", "slic", "kto", "simpo", "orpo",
-                           "robust-dpo", "grpo", "dr-grpo", "dapo", "gspo", "cispo"}
+                           "robust-dpo", "grpo", "dr-grpo", "dapo", "gspo", "cispo", "ppo", "value"}
     for spec in LOSSES.values():
         assert spec.task in {"sft", "reward", "pointwise", "pairwise", "group"} and spec.paper
 
@@ -386,6 +391,8 @@ def test_hyperparameters_are_signature_defaults():
         "dapo": {"eps_low": 0.2, "eps_high": 0.28, "kl_coef": 0.0, "mean_tokens": 0.0, "tis_cap": 0.0},
         "gspo": {"eps_low": 3e-4, "eps_high": 4e-4, "kl_coef": 0.0, "tis_cap": 0.0},
         "cispo": {"eps_low": 1.0, "eps_high": 4.0, "kl_coef": 0.0, "mean_tokens": 0.0, "tis_cap": 0.0},
+        "ppo": {"eps_low": 0.2, "eps_high": 0.2, "kl_coef": 0.0, "mean_tokens": 0.0},
+        "value": {"clip": 0.2, "mean_tokens": 0.0},
     }
 
 

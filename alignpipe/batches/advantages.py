@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from alignpipe.batches import critic
 from alignpipe.core.registry import ESTIMATORS as REGISTRY_ESTIMATORS
+from alignpipe.core.registry import REQUIRED, Param
 
 Groups = list[list[float]]
 
@@ -92,6 +94,17 @@ ADVANTAGES.add("rloo", rloo)
 ADVANTAGES.add("reinforce++", reinforce_pp, docs={"eps": "added to the batch's std"})
 ADVANTAGES.add("reinforce++-baseline", reinforce_pp_baseline, docs={"eps": "added to the batch's std"})
 ESTIMATORS: dict[str, Callable[..., Groups]] = {name: ADVANTAGES[name].fn for name in ADVANTAGES}
+# per-token advantages from a critic's values (PPO): not a function of group rewards; computed by build-batches
+# after tokenising (alignpipe.batches.critic), so not in ESTIMATORS
+ADVANTAGES.add("gae", critic.gae_estimator, per_token=True,
+               doc="GAE (Schulman et al. 2016, arXiv 1506.02438) per token from a critic's values, the reward at "
+                   "the answer's last token (PPO); advantages whitened over the batch",
+               params={"critic": Param(REQUIRED, str, "the critic: a sequence-classification folder (reward model "
+                                                      "or `train --loss value` output), or a causal LM (new zero "
+                                                      "value head)"),
+                       "gamma": Param(1.0, float, "discount per token"),
+                       "lam": Param(0.95, float, "GAE lambda: 1 = Monte-Carlo returns, 0 = one-step TD"),
+                       "whiten": Param(True, bool, "whiten the advantages over every token of the batch (as TRL)")})
 EQUAL_GROUPS = ("drop", "keep")
 
 

@@ -247,7 +247,7 @@ def apply_lora(model, lora: LoraOptions, task: str):
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules) if lora.target_modules else "all-linear",
-                        task_type="SEQ_CLS" if task == "reward" else "CAUSAL_LM")
+                        task_type="SEQ_CLS" if task in ("reward", "value") else "CAUSAL_LM")
     try:
         with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
             warnings.simplefilter("ignore", FutureWarning)
@@ -296,6 +296,10 @@ def load_policy(path, task: str, *, lora: LoraOptions | None = None, init_reward
         model = _load_reward_policy(path, init_reward_head)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
+    elif task == "value":  # PPO's critic: a value model, or a causal LM with a new zero value head
+        from alignpipe.models.values import load_value_model
+
+        model, _ = load_value_model(path, pad_token_id=tokenizer.pad_token_id, what="policy (critic)")
     else:
         model = load_causal_lm(path, trainable_adapter=True)
     if is_adapter(path):

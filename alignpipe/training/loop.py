@@ -274,7 +274,8 @@ def accumulate_gradients(run: Run, step) -> tuple[list[str], object]:
     names and their values over the whole step as one float64 device tensor (all-reduced, not read)."""
     import torch
 
-    from alignpipe.training.losses import compute_loss
+    from alignpipe.training.losses import compute_loss, is_value_loss
+    from alignpipe.training.value import value_inputs
 
     denominator = run.normalization.denominator(step.weight)
     scale = run.dist.world / denominator if denominator > 0 else 0.0
@@ -282,7 +283,9 @@ def accumulate_gradients(run: Run, step) -> tuple[list[str], object]:
     for i, batch in enumerate(step.micro):
         share = batch.weight_sum / step.weight if step.weight > 0 else 0.0
         with no_sync(run, sync=i == len(step.micro) - 1):
-            if batch.group is not None:  # token-level policy-gradient losses (alignpipe.training.policy_gradient)
+            if batch.group is not None and is_value_loss(run.loss):  # PPO's critic (alignpipe.training.value)
+                x = value_inputs(run, batch)
+            elif batch.group is not None:  # token-level policy-gradient losses (alignpipe.training.policy_gradient)
                 x = token_inputs(run, batch)
             else:
                 values, lengths = policy_outputs(run, batch)

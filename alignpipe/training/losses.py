@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from alignpipe.core.lazy import F, torch
 from alignpipe.core.registry import Registry
 from alignpipe.training import policy_gradient as pg
+from alignpipe.training import value as vl
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -318,7 +319,21 @@ LOSSES.add("cispo", pg.cispo_loss, task="group", needs_reference=False, monotone
                  "eps_high": "the importance weight is cut at 1 + eps_high (TRL's epsilon_high = 1 + eps_high)",
                  "kl_coef": _PG["kl_coef"],
                  "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"})
-PG_LOSSES = {name: c.fn for name, c in LOSSES.items() if c.task == "group"}  # token-level losses
+LOSSES.add("ppo", pg.ppo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
+           paper="Schulman et al. 2017, PPO (arXiv 1707.06347), per-token GAE advantages (build-batches --advantage gae)",
+           docs={**_PG, "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"})
+# the critic of PPO (alignpipe.training.value): trains a value model (model='value') on the group batches' returns
+LOSSES.add("value", vl.value_loss, task="group", model="value", needs_reference=False, monotone_in_logp1=False,
+           paper="PPO's clipped value loss (OpenAI baselines ppo2; TRL cliprange_value, OpenRLHF value_clip)",
+           docs={"clip": "value clipping c: V kept within V_old +- c in the max of the two squared errors (0: none)",
+                 "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"})
+PG_LOSSES = {name: c.fn for name, c in LOSSES.items()
+             if c.task == "group" and c.meta.get("model") != "value"}  # token-level policy-gradient losses
+
+
+def is_value_loss(name: str) -> bool:
+    """Whether loss `name` trains a critic (its table row says model='value'), not the policy."""
+    return name in LOSSES and LOSSES[name].meta.get("model") == "value"
 
 
 def _spec(name: str):

@@ -32,7 +32,8 @@ def _columns(task: str, stored_reference: bool) -> list[str]:
     if task == "pointwise":
         cols.append("response1_label")
     if task == "group":
-        cols += ["response1_advantage", "response1_behaviour_logps"]
+        cols += ["response1_advantage", "response1_behaviour_logps", "response1_token_advantages", "response1_values",
+                 "response1_returns"]  # the last three: --advantage gae (PPO), else null
     if stored_reference:
         cols += _ref_columns(task)
     return cols
@@ -288,11 +289,16 @@ def pad_lists(lists, width: int, device, dtype=None):
 
 def group_batch_fields(group: dict, widths: int, device) -> dict:
     """The group task's per-answer tensors of a micro-batch (train_data.collate_group): advantage (B,),
-    behaviour per-token log-probs (B, R) and, when stored, reference per-token log-probs (B, R)."""
+    behaviour per-token log-probs (B, R) and, when stored, reference per-token log-probs (B, R); with GAE
+    (--advantage gae) the advantage per token (B, R) and the critic's stored values and returns (B, R)."""
     import torch
 
     out = {"advantage": torch.tensor(group["response1_advantage"], dtype=torch.float32, device=device),
            "behaviour": pad_lists(group["response1_behaviour_logps"], widths, device)}
     if group.get("response1_ref_logps") is not None:
         out["ref_tokens"] = pad_lists(group["response1_ref_logps"], widths, device)
+    if (group.get("response1_token_advantages") or [None])[0] is not None:  # GAE: (B, R) per token
+        out["advantage"] = pad_lists(group["response1_token_advantages"], widths, device)
+        out["old_values"] = pad_lists(group["response1_values"], widths, device)
+        out["returns"] = pad_lists(group["response1_returns"], widths, device)
     return out

@@ -5,6 +5,7 @@ Per token t of answer i (mask m_{i,t} = 1 on the answer's sampled tokens):
 
     rho_{i,t} = exp(logp_{i,t} - logp^b_{i,t})          logp^b: the behaviour policy that sampled the answer
     l_{i,t}   = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + kl_coef * k3_{i,t}
+                (A_{i,t} per token instead of A_i when the batches carry GAE advantages: PPO with a critic)
     k3_{i,t}  = exp(ref_{i,t} - logp_{i,t}) - (ref_{i,t} - logp_{i,t}) - 1     (Schulman 2020; GRPO eq. 4)
 
 Aggregation, with n_i = sum_t m_{i,t} and per-sample weights w_i (a numerator u_i and a size s_i per answer):
@@ -46,7 +47,7 @@ class TokenInputs:
     logp: Tensor  # log pi_theta(y_t | x, y_<t) of the sampled tokens (requires grad)
     behaviour_logp: Tensor  # log-probs of the same tokens under the policy that sampled them
     mask: Tensor  # 1 on answer tokens, 0 on padding
-    advantage: Tensor  # (B,) one advantage per answer
+    advantage: Tensor  # (B,) one advantage per answer, or (B, T) one per token (PPO with a critic: GAE)
     weight: Tensor  # (B,) training weight per answer, >= 0
     ref_logp: Tensor | None = None  # reference log-probs (no grad), for the KL term
     entropy: Tensor | None = None  # the policy's per-token entropy, when the trainer computed it from logits
@@ -92,7 +93,8 @@ def surrogate_terms(x: TokenInputs, *, eps_low: float, eps_high: float, kl_coef:
     surrogate (module doc), or CISPO's -sg(clip(rho, 1-eps_low, 1+eps_high)) A logp; times TIS's weight when on."""
     mask = x.mask.to(x.logp.dtype)
     rho, tis = ratios(x, mask, level, tis_cap)
-    adv = x.advantage.to(x.logp.dtype)[:, None]
+    adv = x.advantage.to(x.logp.dtype)
+    adv = adv[:, None] if adv.dim() == 1 else adv  # per answer, or per token (A_{i,t})
     clipped = torch.clamp(rho, 1 - eps_low, 1 + eps_high)
     if cispo:
         per_token = -clipped.detach() * adv * torch.where(mask > 0, x.logp, torch.zeros_like(x.logp))
@@ -139,7 +141,8 @@ def pg_metrics(x: TokenInputs, stats: dict) -> dict[str, Tensor]:
     mean = _token_mean(rho, x)
     m = {"clip/low": _token_mean(stats["low"].to(rho.dtype), x), "clip/high": _token_mean(stats["high"].to(rho.dtype), x),
          "ratio/mean": mean, "ratio/std": _token_mean((rho - mean) ** 2, x).sqrt(),
-         "advantage/mean": (x.weight * x.advantage).sum() / x.weight.sum().clamp_min(1e-30)}
+         "advantage/mean": _token_mean(x.advantage.to(rho.dtype), x) if x.advantage.dim() == 2 else
+         (x.weight * x.advantage).sum() / x.weight.sum().clamp_min(1e-30)}
     if stats["kl"] is not None:
         m["kl"] = _token_mean(stats["kl"], x)
     if stats.get("tis") is not None:  # TIS: the weights' mean and the fraction truncated at the cap
@@ -201,6 +204,17 @@ def dr_grpo_loss(x: TokenInputs, *, eps_low: float = 0.2, eps_high: float = 0.2,
     u, s, m = clipped_pg(x, aggregation="constant", eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef,
                          max_tokens=max_tokens, tis_cap=tis_cap)
     return _result(u, s, x, m)
+
+
+def ppo_loss(x: TokenInputs, *, eps_low: float = 0.2, eps_high: float = 0.2, kl_coef: float = 0.0,
+             mean_tokens: float = 0.0):
+    """PPO's clipped surrogate (Schulman et al. 2017, arXiv 1707.06347, eq. 7) per token, as for language models
+    with a critic (Ouyang et al. 2022; TRL's PPOTrainer): the per-token GAE advantages A_{i,t} of
+    build-batches --advantage gae, one mean over every token of the batch.
+
+    L = sum_i w_i sum_t -min(rho_{i,t} A_{i,t}, clip(rho_{i,t}, 1-eps_low, 1+eps_high) A_{i,t}) / sum_i w_i |o_i|
+    (the token count as DAPO's: `mean_tokens` = the dataset's mean answer length, set by train; 0: this batch's)."""
+    return dapo_loss(x, eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef, mean_tokens=mean_tokens)
 
 
 def dapo_loss(x: TokenInputs, *, eps_low: float = 0.2, eps_high: float = 0.28, kl_coef: float = 0.0,

@@ -102,8 +102,9 @@ def lora_options(o: TrainOptions, task: str):
         return None
     if o.lora_r < 1:
         raise UserError(f"--lora-r {o.lora_r}: must be >= 1")
-    if task == "reward" and not o.merge:
-        raise UserError("--loss reward with --lora-r: add --merge (annotate loads full reward models)")
+    if task in ("reward", "value") and not o.merge:
+        raise UserError(f"--loss {task} with --lora-r: add --merge (annotate and build-batches load full "
+                        f"{'reward models' if task == 'reward' else 'critics'})")
     return LoraOptions(o.lora_r, o.lora_alpha if o.lora_alpha is not None else 2.0 * o.lora_r, o.lora_dropout,
                        o.target_modules or None)
 
@@ -184,7 +185,12 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     report_to = parse_trackers(o.report_to or "")
     ds, kind = read_input(batches, BATCH_KINDS, stage="train")
     spec = loss_spec(o, kind, batches)
-    lora = lora_options(o, spec.component.task)
+    model_task = spec.component.meta.get("model") or spec.component.task  # 'value': PPO's critic
+    if model_task == "value":
+        from alignpipe.training.value import check_batches
+
+        check_batches(ds, str(batches))
+    lora = lora_options(o, model_task)
     dist = tr.init_distributed(o.device, o.sharding)
     ref_inputs = [Path(o.reference)] if o.reference not in REFERENCE_CHOICES else []
     ref_inputs += [Path(o.continue_from)] if o.continue_from is not None else []
@@ -195,7 +201,7 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
         return up_to_date_line("train", out) if dist.rank == 0 else None
 
     def load():
-        return ck.load_policy(o.policy, spec.component.task, lora=lora, init_reward_head=o.init_reward_head,
+        return ck.load_policy(o.policy, model_task, lora=lora, init_reward_head=o.init_reward_head,
                               gradient_checkpointing=o.gradient_checkpointing)
 
     prior = cont.read(o.continue_from) if o.continue_from is not None else None
