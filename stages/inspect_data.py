@@ -10,6 +10,7 @@ import typer
 
 from alignpipe.core.command import handle_errors
 from alignpipe.core.errors import UserError
+from alignpipe.data.describe import shown
 from alignpipe.feedback.weights import weight_summary
 
 
@@ -74,39 +75,64 @@ def _verdict(path: Path, ds, kind: str | None) -> str:
     return "valid"
 
 
+def _sample_columns(ds, kind: str | None) -> list[str]:
+    skip = ("raw", "messages") + (("prompt",) if kind and kind.startswith("batches") else ())
+    show = [c for c in ds.column_names if not c.endswith(("_ids", "_mask")) and c not in skip]
+    return (["question"] if kind and kind.startswith("batches") else []) + show[:12]
+
+
+def _sample_rows(ds, kind: str | None, rows: int) -> list[dict]:
+    """The first rows; batches show the question (the last user turn of the rendered prompt), not the chat
+    template's system prompt that the rendered text starts with."""
+    from alignpipe.models.prompting import last_user_turn
+
+    out = []
+    for r in ds.select(range(min(rows, len(ds)))):
+        if kind and kind.startswith("batches") and "prompt" in r:
+            r = {"question": last_user_turn(r["prompt"]), **r}
+        out.append(r)
+    return out
+
+
 def _print_table(info: dict, ds, rows: int) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]{info['path']}[/]  kind={info['kind']}  version={info['version']}  "
-                  f"rows={info['num_rows']}  verdict={info['verdict']}")
+    console.print(escape(f"{shown(info['path'])}  kind={info['kind']}  version={info['version']}  "
+                         f"rows={info['num_rows']}  verdict={info['verdict']}"))
     t = Table("column", "statistics")
     for name, st in info["columns"].items():
-        t.add_row(name, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in st.items()))
+        t.add_row(escape(name), escape(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={shown(v)}"
+                                                 for k, v in st.items())))
     console.print(t)
     if rows and ds is not None and len(ds):
-        show = [c for c in ds.column_names if not c.endswith(("_ids", "_mask")) and c not in ("raw", "messages")][:8]
-        s = Table(*show, title=f"first {min(rows, len(ds))} rows")
-        for r in ds.select(range(min(rows, len(ds)))):
-            s.add_row(*[str(r[c])[:60] for c in show])
-        console.print(s)
+        show = _sample_columns(ds, info["kind"])
+        width = max(len(c) for c in show)
+        print(f"first {min(rows, len(ds))} rows:")
+        for n, r in enumerate(_sample_rows(ds, info["kind"], rows)):
+            print("\n".join(f"{f'[{n}]' if i == 0 else '':>4} {c:<{width}}  {shown(r[c], 100)}"
+                            for i, c in enumerate(show)))
 
 
 @handle_errors
 def command(
-    path: Annotated[Path, typer.Argument(help="A dataset or policy folder written by alignpipe.")],
+    path: Annotated[Path, typer.Argument(help="A dataset, policy or run folder written by alignpipe.")],
     rows: Annotated[int, typer.Option(help="How many sample rows to show.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ):
-    """Show kind, schema version, row count, per-column statistics, sample rows and validation verdict."""
+    """Show kind, schema version, row count, per-column statistics, sample rows and validation verdict of a
+    dataset; what a policy is and how it was trained; the stage outputs of a run folder."""
     from alignpipe.data.io import _load, kind_of
     from alignpipe.data.manifest import read_manifest
 
     manifest = read_manifest(path) or {}
-    if path.is_dir() and manifest and not (path / "dataset_info.json").exists():
-        info = {"path": str(path), "kind": manifest.get("stage"), "manifest": manifest}
-        print(json.dumps(info, indent=2, default=str))
+    folder = path.is_dir() and not any((path / f).exists() for f in ("dataset_info.json", "state.json")) \
+        and not _has_parts(path)
+    if folder and manifest:
+        return _model_folder(path, manifest, as_json)
+    if folder and _run_folder(path, as_json):
         return
     ds = _load(path)
     kind, version = kind_of(path)
@@ -115,10 +141,42 @@ def command(
             "report": manifest.get("report", {})}
     if as_json:
         info["sample"] = [{k: v for k, v in r.items() if not k.endswith(("_ids", "_mask"))}
-                          for r in ds.select(range(min(rows, len(ds))))]
+                          for r in _sample_rows(ds, kind, rows)]
         json.dump(info, sys.stdout, default=str)
         print()
     else:
         _print_table(info, ds, rows)
     if info["verdict"].startswith("INVALID"):
         raise typer.Exit(2)
+
+
+def _has_parts(path: Path) -> bool:
+    return any(path.glob("part-*-of-*"))
+
+
+def _model_folder(path: Path, manifest: dict, as_json: bool) -> None:
+    """A policy (or another output that is not a dataset): in words, or its manifest with --json."""
+    from alignpipe.data.describe import output_summary
+
+    if as_json:
+        print(json.dumps({"path": str(path), "kind": manifest.get("stage"), "manifest": manifest}, indent=2,
+                         default=str))
+    else:
+        print("\n".join(output_summary(path, manifest)))
+
+
+def _run_folder(path: Path, as_json: bool) -> bool:
+    """A folder of stage outputs (runs/NAME): what it is and what it holds; False when it holds none."""
+    from alignpipe.data.describe import run_summary
+    from alignpipe.data.lineage import outputs_below
+
+    outputs = outputs_below(path)
+    if not outputs:
+        return False
+    if as_json:
+        print(json.dumps({"path": str(path), "kind": "run", "outputs": [
+            {"path": str(path / rel), "stage": m.get("stage"), "kind": (m.get("schema") or {}).get("kind"),
+             "num_rows": m.get("num_rows")} for rel, m in outputs]}, indent=2))
+    else:
+        print("\n".join(run_summary(path, outputs)))
+    return True

@@ -8,6 +8,7 @@ the one recorded when the node was made, `changed` when it differs and `missing`
 """
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,6 +97,28 @@ def lineage(path: Path, max_nodes: int = 500, max_depth: int | None = None) -> l
                 shown = Path(i.path) if Path(i.path).resolve() == r else Path(i.resolved)  # as recorded when it can
                 queue.append((shown, child, depth + 1))
     return nodes
+
+
+def _natural(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def outputs_below(folder: Path, max_depth: int = 4) -> list[tuple[Path, dict]]:
+    """The outputs alignpipe wrote inside `folder` (a run folder): (path relative to it, manifest), shallow ones
+    first, by folder in natural order (iter-2 before iter-10), in the order they were made within a folder; not
+    inside another output (shards), not half-written (hidden folders)."""
+    found, level = [], [Path(folder)]
+    for _ in range(max_depth):
+        below = []
+        for d in level:
+            for child in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                m = read_manifest(child)
+                if m is not None:
+                    found.append((child.relative_to(folder), m))
+                else:
+                    below.append(child)
+        level = below
+    return sorted(found, key=lambda x: (len(x[0].parts), _natural(x[0].parent), x[1].get("started_at") or ""))
 
 
 def stages(nodes: list[Node]) -> list[str]:

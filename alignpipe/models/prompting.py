@@ -37,3 +37,22 @@ def _apply(tokenizer, messages: list, where: str) -> str:
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of already-rendered text (templates carry their own special tokens)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+_SPECIAL = r"<\|[^<>|]*\|>|</?s>|<(?:start|end)_of_turn>|<bos>|<eos>|\[/?INST\]|<</?SYS>>"
+_ROLES = ("system", "user", "assistant", "model")
+
+
+def last_user_turn(rendered: str) -> str:
+    """The question of a prompt rendered through a chat template (ChatML, Llama 3, Gemma, Mistral, Phi, ...): the
+    last stretch of text between the template's special tokens, less a leading role name; the generation prompt
+    and a system prompt before the question are left out. Plain text comes back as it is."""
+    import re
+
+    parts = [p.strip() for p in re.split(_SPECIAL, rendered)]
+    for part in reversed(parts):
+        role, _, rest = part.partition("\n")
+        text = rest.strip() if role.strip() in _ROLES else part
+        if text and text not in _ROLES:
+            return text
+    return rendered
