@@ -1,8 +1,10 @@
 # Online alignment with AI feedback (OAIF, Guo et al. 2024) as a chain of alignpipe stages.
 #
-# Each iteration K: sample two answers per prompt from the current policy, annotate them, weight them,
-# build pairwise batches (reference log-probs cached once), take a DPO/IPO/SLiC step -> policy K+1.
+# Iteration K = 1..ITERS: sample two answers per prompt from policy K-1, annotate them, weight them, build
+# pairwise batches (reference log-probs cached once), take a DPO/IPO/SLiC step -> policy K.
 # Held-out evaluation of every policy: mean reward under EVAL_ANNOTATOR, win rate against policy 0.
+# Folders: RUN/iter-K/{generations,annotations,weighted,batches,policy} (iter-K/policy is policy K) and
+# RUN/eval/policy-K/ (the evaluation of policy K; policy 0 is MODEL).
 # Targets are the stages' manifest.json files, so an interrupted `make` reruns only what is missing,
 # and each stage itself resumes from its finished shards.
 #
@@ -16,7 +18,7 @@
 #   NAME, RUN      run name and folder (runs/NAME)
 #   ITERS          online iterations (policies 1..ITERS are trained)
 #   PROMPTS        prompt file for `alignpipe import` (train/test splits)
-#   PROMPTS_PER_ITER  fresh train prompts per iteration (iteration K takes rows K*P..(K+1)*P)
+#   PROMPTS_PER_ITER  fresh train prompts per iteration (iteration K takes rows (K-1)*P..K*P)
 #   EVAL_PROMPTS   held-out prompts scored per policy; EVAL_SAMPLES answers sampled per held-out prompt
 #   ANNOTATOR      feedback for training (any `alignpipe annotate --annotator` spec; pairwise or pointwise)
 #   EVAL_ANNOTATOR pointwise annotator giving the held-out mean reward
@@ -69,9 +71,11 @@ MODEL := $(shell $(PY) -m alignpipe.models.smollm)
 endif
 endif
 
-policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy)
-policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy/manifest.json)
-ITER_LIST := $(shell seq 0 $$(($(ITERS)-1)))
+# policy K: MODEL for K = 0, else what iteration K trained; prev: K-1
+policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(1)/policy)
+policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(1)/policy/manifest.json)
+prev = $(shell echo $$(($(1)-1)))
+ITER_LIST := $(shell seq 1 $(ITERS))
 POLICY_LIST := $(shell seq 0 $(ITERS))
 
 .PHONY: run demo demo-tiny report
@@ -83,9 +87,9 @@ $(RUN)/prompts/manifest.json: $(PROMPTS)
 	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts $(CONFIG_OPT)
 
 define ITERATION
-$(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
-	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/iter-$(1)/generations \
-	  --split train --rows $(shell echo $$(($(1)*$(PROMPTS_PER_ITER)))):$(shell echo $$((($(1)+1)*$(PROMPTS_PER_ITER)))) \
+$(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(call prev,$(1)))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(call prev,$(1))) --out $(RUN)/iter-$(1)/generations \
+	  --split train --rows $(shell echo $$((($(1)-1)*$(PROMPTS_PER_ITER)))):$(shell echo $$(($(1)*$(PROMPTS_PER_ITER)))) \
 	  $(call opt,--num-samples,NUM_SAMPLES) $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
 	  $(call opt,--temperature,TEMPERATURE) --seed $(SEED) --iteration $(1) $(CONFIG_OPT) $(GEN_OPTS)
 $(RUN)/iter-$(1)/annotations/manifest.json: $(RUN)/iter-$(1)/generations/manifest.json
@@ -98,34 +102,34 @@ $(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/weighted/manifest.json
 	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/weighted --task pairwise --tokenizer $(MODEL) \
 	  --reference $(MODEL) $(call opt,--pairs,PAIRS) $(call opt,--batch-size,BATCH) --seed $(SEED) \
 	  --out $(RUN)/iter-$(1)/batches $(CONFIG_OPT)
-$(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(1))
-	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(1)) $(call opt,--loss,LOSS) \
+$(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(call prev,$(1)))
+	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(call prev,$(1))) $(call opt,--loss,LOSS) \
 	  $(call opt,--beta,BETA) --reference stored $(call opt,--lr,LR) $(call opt,--epochs,EPOCHS) --seed $(SEED) \
 	  $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
 endef
 
 define EVALUATION
-$(RUN)/eval/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
-	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/iter-$(1)/generations \
+$(RUN)/eval/policy-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/policy-$(1)/generations \
 	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples $(EVAL_SAMPLES) $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
 	  $(call opt,--temperature,TEMPERATURE) --seed 1234 --iteration $(1) $(CONFIG_OPT) $(GEN_OPTS)
-$(RUN)/eval/iter-$(1)/scores/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json
-	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/generations $(call opt,--annotator,EVAL_ANNOTATOR ANNOTATOR) \
-	  --pairing pointwise --out $(RUN)/eval/iter-$(1)/scores $(CONFIG_OPT)
-$(RUN)/eval/iter-$(1)/versus-0/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json $(RUN)/eval/iter-0/generations/manifest.json
-	$(ALIGNPIPE) evaluate $(RUN)/eval/iter-$(1)/generations $(RUN)/eval/iter-0/generations \
-	  $(call opt,--annotator,JUDGE EVAL_ANNOTATOR ANNOTATOR) --reference $(MODEL) --out $(RUN)/eval/iter-$(1)/versus-0 \
+$(RUN)/eval/policy-$(1)/scores/manifest.json: $(RUN)/eval/policy-$(1)/generations/manifest.json
+	$(ALIGNPIPE) annotate $(RUN)/eval/policy-$(1)/generations $(call opt,--annotator,EVAL_ANNOTATOR ANNOTATOR) \
+	  --pairing pointwise --out $(RUN)/eval/policy-$(1)/scores $(CONFIG_OPT)
+$(RUN)/eval/policy-$(1)/versus-0/manifest.json: $(RUN)/eval/policy-$(1)/generations/manifest.json $(RUN)/eval/policy-0/generations/manifest.json
+	$(ALIGNPIPE) evaluate $(RUN)/eval/policy-$(1)/generations $(RUN)/eval/policy-0/generations \
+	  $(call opt,--annotator,JUDGE EVAL_ANNOTATOR ANNOTATOR) --reference $(MODEL) --out $(RUN)/eval/policy-$(1)/versus-0 \
 	  $(CONFIG_OPT)
 endef
 
 $(foreach k,$(ITER_LIST),$(eval $(call ITERATION,$(k))))
 $(foreach k,$(POLICY_LIST),$(eval $(call EVALUATION,$(k))))
 
-EVAL_TARGETS := $(foreach k,$(POLICY_LIST),$(RUN)/eval/iter-$(k)/scores/manifest.json) \
-                $(foreach k,$(filter-out 0,$(POLICY_LIST)),$(RUN)/eval/iter-$(k)/versus-0/manifest.json)
+EVAL_TARGETS := $(foreach k,$(POLICY_LIST),$(RUN)/eval/policy-$(k)/scores/manifest.json) \
+                $(foreach k,$(filter-out 0,$(POLICY_LIST)),$(RUN)/eval/policy-$(k)/versus-0/manifest.json)
 
 # report.html (answers side by side, weights, curves, lineage), report.png, summary.md and summary.json
-$(RUN)/report/report.html: $(EVAL_TARGETS) $(RUN)/iter-$(shell echo $$(($(ITERS)-1)))/policy/manifest.json
+$(RUN)/report/report.html: $(EVAL_TARGETS) $(RUN)/iter-$(ITERS)/policy/manifest.json
 	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report
 
 report:

@@ -31,22 +31,22 @@ def test_online_recipe_killed_then_resumed_redoes_nothing_finished(tmp_path, tin
     run = tmp_path / "run"
     proc = subprocess.Popen(_make(run, tiny_lm_dir), cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = run / "iter-0" / "weighted" / "manifest.json"
+    marker = run / "iter-1" / "weighted" / "manifest.json"
     deadline = time.time() + 600
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole make tree, mid-pipeline
     proc.wait()
     before = _manifests(run)
-    assert "iter-0/weighted/manifest.json" in before and not (run / "report" / "report.html").exists()
+    assert "iter-1/weighted/manifest.json" in before and not (run / "report" / "report.html").exists()
 
     done = subprocess.run(_make(run, tiny_lm_dir), cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     after = _manifests(run)
     assert all(after[k] == v for k, v in before.items()), "a finished stage was redone"
     for k in range(3):
-        assert (run / f"eval/iter-{k}/scores/manifest.json").exists()
-    assert (run / "iter-1/policy/adapter_config.json").exists()
+        assert (run / f"eval/policy-{k}/scores/manifest.json").exists()
+    assert (run / "iter-2/policy/adapter_config.json").exists() and not (run / "iter-0").exists()
     summary = json.loads((run / "report/summary.json").read_text())
     assert [r["policy"] for r in summary] == [0, 1, 2] and summary[1]["train_loss"] is not None
     assert (run / "report/report.png").stat().st_size > 10_000
@@ -59,7 +59,7 @@ def test_online_recipe_killed_then_resumed_redoes_nothing_finished(tmp_path, tin
 
 
 def _check_lineage(run: Path, env: dict) -> None:
-    lineage = subprocess.run([sys.executable, "-m", "alignpipe", "lineage", str(run / "iter-1/policy"), "--json"],
+    lineage = subprocess.run([sys.executable, "-m", "alignpipe", "lineage", str(run / "iter-2/policy"), "--json"],
                              cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert lineage.returncode == 0, lineage.stderr
     nodes = json.loads(lineage.stdout)

@@ -209,7 +209,7 @@ def _table(rows: list[dict], cols: list[str], table_id: str = "", numeric_data: 
 
 def _answers_html(sample: dict) -> str:
     if not sample["prompts"]:
-        return '<p class="muted">No held-out generations (RUN/eval/iter-K/generations) in this run.</p>'
+        return '<p class="muted">No held-out generations (RUN/eval/policy-K/generations) in this run.</p>'
     head = "<th>prompt</th>" + "".join(f"<th>policy {k}</th>" for k in sample["policies"])
     rows = []
     for p in sample["prompts"]:
