@@ -288,3 +288,29 @@ def test_ppo_bad_inputs_are_one_line_errors(annotated, tiny_lm_dir, tmp_path):
     r = cli("build-batches", annotated / "ann", "--task", "group", "--advantage", "gae", "--tokenizer", tiny_lm_dir,
             "--out", tmp_path / "b")
     assert r.exit_code == 2 and "needs critic" in r.output
+
+
+def test_rl_recipe_algo_ppo_trains_the_critic_beside_the_policy(tmp_path):
+    """`make -f pipelines/rl.mk ALGO=ppo`: iteration K's batches take GAE from critic K-1 (critic 0 = the model with
+    a new value head), critic K is trained on them beside policy K; SHAPING adds annotators to the reward."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "r"
+    args = ["make", "-n", "-f", "pipelines/rl.mk", "run", f"PY={sys.executable}", f"RUN={run}", "MODEL=M", "ALGO=ppo",
+            "ITERS=2", "SHAPING=overlong,max_tokens=8,cache=4,weight=0.5 format"]
+    text = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    lines = [" ".join(x.split()) for x in text.replace("\\\n", " ").splitlines()]
+
+    def command(stage: str, out: str) -> str:
+        (found,) = [x for x in lines if f" {stage} " in x and f"--out {run}/{out} " in x + " "]
+        return found
+
+    assert "--annotator 'overlong,max_tokens=8,cache=4,weight=0.5' --annotator 'format'" in command(
+        "annotate", "iter-1/annotations")
+    assert "--advantage 'gae,gamma=1.0,lam=0.95,critic=M'" in command("build-batches", "iter-1/batches")
+    assert f"critic={run}/iter-1/critic'" in command("build-batches", "iter-2/batches")
+    assert "--policy M --loss 'value,clip=0.2'" in command("train", "iter-1/critic")
+    assert f"--policy {run}/iter-1/critic --loss 'value,clip=0.2'" in command("train", "iter-2/critic")
+    assert "--loss 'ppo'" in command("train", "iter-2/policy")
+    assert lines.index(command("train", "iter-1/critic")) < lines.index(command("build-batches", "iter-2/batches"))
