@@ -7,8 +7,9 @@ Inputs: `weighted` (reweight) or `annotations` (annotate/import; every weight 1)
 mixed with `--mix 0.5,0.3,0.2` (replay of earlier iterations; see `alignpipe.batches.tokenise.mix`).
 Output: `batches-<task>`, one row per example, unpadded, in batch order with its `batch_index`, so `train`
 reads batches in order and resumes by index. Tasks: `alignpipe.batches.tasks`; tokenisation, truncation and batch
-composition: `alignpipe.batches.tokenise`. `--reference MODEL` (pointwise, pairwise) stores each response's summed
-log-probs under the reference model, computed in resumable shards, so `train` needs no reference in memory;
+composition: `alignpipe.batches.tokenise`. `--reference MODEL` stores each response's log-probs under the
+reference model (pointwise, pairwise: summed; group: per token, for a loss's KL term, e.g. `grpo,kl_coef=0.04`),
+computed in resumable shards, so `train` needs no reference in memory;
 they are computed as `train` computes the policy's for the same `--dtype` (bfloat16: autocast over float32
 weights), batch by stored batch, so with policy = reference the first DPO loss is exactly log 2. How they
 were computed is recorded in the manifest (`reference_numerics`); train notes any difference from its own.
@@ -222,7 +223,8 @@ def command(
     equal_groups: Annotated[str, typer.Option(help="group: groups whose answers all got the same reward: drop "
                                                    "(counted; DAPO dynamic sampling) | keep.")] = "drop",
     reference: Annotated[Path | None, typer.Option(help="Reference model (folder or adapter): cache its "
-                                                           "log-probs (pointwise, pairwise).")] = None,
+                                                           "log-probs (pointwise, pairwise: summed; group: per "
+                                                           "token, for a KL term).")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of Hub id "
                                                       "--tokenizer / --reference.")] = None,
     dtype: Annotated[str, typer.Option(help="Reference numerics, as train's --dtype: float32 | bfloat16 (autocast "

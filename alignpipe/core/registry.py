@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -70,6 +71,20 @@ def signature_params(fn: Callable, docs: dict | None = None) -> dict[str, Param]
     if unknown:
         raise ValueError(f"{getattr(fn, '__name__', fn)}: docs for unknown parameter(s) {sorted(unknown)}")
     return out
+
+
+_ABBREVIATIONS = ("al", "Dr", "eq", "eqs", "Eq", "e.g", "i.e", "cf", "vs", "Fig", "No", "v")
+
+
+def first_sentence(doc: str) -> str:
+    """A docstring's first sentence, whole (over as many lines as it takes), for `--help` and the docs: its
+    first paragraph up to a '.' that ends a sentence (not that of "et al." or "Dr.")."""
+    text = " ".join((doc.strip().split("\n\n") or [""])[0].split())
+    for m in re.finditer(r"\.\s+(?=[A-Z])", text):
+        word = text[:m.start()].rsplit(" ", 1)[-1].lstrip("(")
+        if word not in _ABBREVIATIONS:
+            return text[:m.start() + 1]
+    return text
 
 
 @dataclass(frozen=True)
@@ -216,7 +231,7 @@ class Registry(Mapping):
         params = dict(params) if params is not None else signature_params(fn, docs)
         if arg is not None and arg not in params:
             raise ValueError(f"{self.kind} {name!r}: ARG parameter {arg!r} is not a parameter")
-        line = doc if doc is not None else ((fn.__doc__ or "").strip().splitlines() or [""])[0]
+        line = doc if doc is not None else first_sentence(fn.__doc__ or "")
         component = Component(name, fn, line, params, arg, metavar or (arg.upper() if arg else None), free_arg,
                               meta)
         self._items[name] = component

@@ -94,6 +94,41 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "(none)"
+    return "(unset)" if value is _UNSET else str(value)
+
+
+_UNSET = object()
+
+
+def changes(manifest: dict, key: dict, inputs: list[Path]) -> list[str]:
+    """What differs between a finished output's manifest and a new run's key (`input_key`): each option
+    changed as `--name OLD -> NEW`, then each input whose content changed."""
+    old, new = manifest.get("key_config") or {}, key["config"]
+    out = [f"--{k.replace('_', '-')} {_shown(old.get(k, _UNSET))} -> {_shown(new.get(k, _UNSET))}"
+           for k in sorted(set(old) | set(new)) if old.get(k, _UNSET) != new.get(k, _UNSET)]
+    before = manifest.get("key_inputs") or []
+    out += [f"input {path} {'changed' if i < len(before) else 'added'}"
+            for i, (path, fp) in enumerate(zip(inputs, key["inputs"])) if i >= len(before) or before[i] != fp]
+    if len(before) > len(key["inputs"]):
+        out.append(f"{len(before) - len(key['inputs'])} input(s) fewer")
+    return out
+
+
+def _newer_than_inputs(out: Path, inputs: list) -> None:
+    """An up-to-date output whose input was rewritten with the same content (a retrained but identical policy:
+    same fingerprint) gets a manifest newer than the input's again, so `make` does not run the stage again."""
+    try:
+        mine = (Path(out) / MANIFEST).stat().st_mtime_ns
+        theirs = [(Path(p) / MANIFEST).stat().st_mtime_ns for p in inputs if (Path(p) / MANIFEST).is_file()]
+        if theirs and max(theirs) > mine:
+            os.utime(Path(out) / MANIFEST)
+    except OSError:  # a read-only output stays as it is
+        pass
+
+
 class StageOutput:
     """One stage's output: up-to-date check, lock, shard checkpoints, atomic finish with a manifest."""
 
@@ -140,6 +175,7 @@ class StageOutput:
             self.lock.acquire()
         except OSError as e:
             raise UserError(f"{self.out}: cannot write the output here ({e.strerror or e}); nothing was written")
+        self._say_replacing()
         try:
             dead = re.compile(rf"\.{re.escape(self.out.name)}\.(tmp|old)\d+")
             for p in self.out.parent.glob(f".{self.out.name}.*"):
@@ -158,6 +194,21 @@ class StageOutput:
         if self.partial.is_dir() and {p.name for p in self.partial.iterdir()} <= {"key.json"}:
             shutil.rmtree(self.partial, ignore_errors=True)  # no finished work to resume from
         self.lock.release()
+
+    def _say_replacing(self) -> None:
+        """A finished output made otherwise is about to be replaced: say so, and what differs."""
+        from alignpipe.core.command import say
+
+        m = read_manifest(self.out)
+        if m is None:
+            return
+        if m.get("stage") != self.stage:
+            say(f"{self.stage}: replacing {self.out}, an output of `alignpipe {m.get('stage')}`")
+            return
+        diff = changes(m, self.key, self.inputs)
+        if diff:
+            more = f"; and {len(diff) - 4} more" if len(diff) > 4 else ""
+            say(f"{self.stage}: replacing {self.out}, made with other settings: {'; '.join(diff[:4])}{more}")
 
     # -- shards -----------------------------------------------------------------------------------------
     def _open_partial(self) -> None:

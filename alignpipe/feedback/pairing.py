@@ -59,12 +59,15 @@ def _check(spec) -> None:
 
 
 PAIRINGS = Registry("pairing", "--pairing", validate=_check,
-                    doc="Which generations of one prompt form pairs (annotate --pairing, build-batches --pairs).")
+                    doc="Which generations of one prompt form pairs (annotate --pairing, build-batches --pairs). "
+                        "`annotate --pairing pointwise`, its default when no annotator is pairwise, forms none: "
+                        "one row per generation (response2 null) with its reward, for pointwise and group batches "
+                        "(KTO, reward-weighted SFT, RL); a pairwise annotator needs one of the pairings below.")
 PAIRINGS.add("all", all_pairs, needs_rewards=False)
 PAIRINGS.add("random", random_pair, needs_rewards=False)
 PAIRINGS.add("best-worst", best_worst, needs_rewards=True)
 PAIRINGS.add("margin", margin, arg="at_least", metavar="X", needs_rewards=True,
-             docs={"at_least": "smallest reward difference of a pair"})
+             docs={"at_least": "smallest reward difference of a pair"}, ranges={"at_least": ">=0"})
 
 
 def pairs(spec, rewards: list, seed: int, prompt_id: str) -> list[tuple[int, int]]:

@@ -309,7 +309,8 @@ def _fit(run, ds, groups, plan, so, log, o: TrainOptions, start: int, found, abo
     if log is not None:
         say(f"train: {spec.identity()} ({run.task}), {about}; {plan.total_steps} steps, reference "
             f"{run.reference.kind}, weights normalised per {run.normalization.rule}, {d.world} process(es), "
-            f"sharding {d.sharding}" + (f"; resuming after step {start}" if found else "") + f"; metrics: {log.path}")
+            f"sharding {d.sharding}" + (f"; resuming after step {start}" if found else "")
+            + f"; metrics: {so.out / 'metrics.jsonl'} at the end ({log.path} while it trains)")
     with progress_bar("train", total=plan.total_steps, done=start) as bar:
         def show(row):
             bar.advance(1)
