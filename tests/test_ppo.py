@@ -244,15 +244,17 @@ def test_gae_batches_with_a_fresh_critic_by_hand(annotated, tiny_lm_dir):
 def rm_batches(annotated, tiny_lm_dir, tiny_rm_dir):
     out = annotated / "gae-rm"
     ok("build-batches", annotated / "ann", "--task", "group", "--advantage", f"gae,critic={tiny_rm_dir}",
-       "--tokenizer", tiny_lm_dir, "--shard-size", 3, "--out", out)
+       "--tokenizer", tiny_lm_dir, "--reference", tiny_lm_dir, "--shard-size", 3, "--out", out)
     return out
 
 
 def test_gae_batches_from_a_reward_model_critic(rm_batches):
+    """Values and reference log-probs computed in the same resumable shards; GAE recomputed from the stored
+    values and rewards gives the stored returns and whitened advantages."""
     rows = rows_of(rm_batches)
     adv, ret = gae_estimator([r["response1_reward"] for r in rows], [r["response1_values"] for r in rows])
     for row, a, rt in zip(rows, adv, ret):
-        assert len(row["response1_values"]) == len(row["response1_input_ids"])
+        assert len(row["response1_values"]) == len(row["response1_input_ids"]) == len(row["response1_ref_logps"])
         assert row["response1_token_advantages"] == pytest.approx(a, abs=1e-5)
         assert row["response1_returns"] == pytest.approx(rt, abs=1e-5)
     flat = [a for row in rows for a in row["response1_token_advantages"]]
@@ -268,7 +270,7 @@ def test_train_the_critic_then_the_policy_then_batches_from_the_trained_critic(a
     assert config["architectures"] == ["LlamaForSequenceClassification"]
     metrics = [json.loads(x) for x in (critic / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(math.isfinite(m["loss"]) and "value/clipfrac" in m for m in metrics)
-    ok("train", rm_batches, "--policy", tiny_lm_dir, "--loss", "ppo", "--lr", "1e-3", "--device", "cpu",
+    ok("train", rm_batches, "--policy", tiny_lm_dir, "--loss", "ppo,kl_coef=0.05", "--lr", "1e-3", "--device", "cpu",
        "--out", tmp_path / "policy")
     again = tmp_path / "again"
     ok("build-batches", annotated / "ann", "--task", "group", "--advantage", f"gae,critic={critic}",
