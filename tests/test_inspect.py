@@ -4,9 +4,11 @@ the chat template's system prompt, and model text cannot drive the terminal."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
-from helpers import cli, ok, pair, write_dataset
+from helpers import ROOT, child_env, cli, generation, ok, pair, write_dataset
 from report_fixtures import make_run
 from test_train import pairs, write_batches
 
@@ -76,3 +78,15 @@ def test_batches_sample_rows_show_the_question_and_escape_model_text(tmp_path):
     assert "\x1b" not in text and "response1           \\x1b[31mred[/] [bold]x" in text
     sample = json.loads(ok("inspect", folder, "--json").stdout)["sample"]
     assert [s["question"] for s in sample] == ["What is 7 + 5?"] * 2
+
+
+def test_output_cut_short_by_its_reader_is_not_an_error(tmp_path):
+    """`alignpipe inspect ... --json | head`: the reader closes the pipe early; exit 0, nothing on stderr."""
+    rows = [generation(i, 0, "word " * 80) for i in range(400)]  # ~200 kB of JSON: more than a pipe holds
+    folder = write_dataset(tmp_path / "g", "generations", rows)
+    proc = subprocess.Popen([sys.executable, "-m", "alignpipe", "inspect", str(folder), "--json", "--rows", "400"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=ROOT)
+    assert proc.stdout.read(20)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err

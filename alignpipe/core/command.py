@@ -144,6 +144,9 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             say("interrupted; finished shards are kept, rerun to resume")
             raise typer.Exit(130)
+        except BrokenPipeError:  # the reader of stdout stopped early (`alignpipe inspect ... | head`): fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            raise typer.Exit(0)
         except Exception as e:
             if DEBUG["on"]:
                 raise
