@@ -12,7 +12,9 @@ are whitened together (:func:`whiten`, as TRL's PPOTrainer; `whiten=false` keeps
     response1_token_advantages A_t after whitening (the policy loss's per-token advantage)
     response1_advantage        the token mean of response1_token_advantages (a summary per answer)
 
-The values are computed shard by shard (resumable, with the reference log-probs); GAE and whitening run on
+An answer cut at the length budget (finish_reason 'length') ends there too, with its reward and no bootstrap
+value, as in TRL's PPOTrainer (which can penalise a missing EOS instead; here that is a reward annotator's job,
+e.g. `overlong`). The values are computed shard by shard (resumable, with the reference log-probs); GAE and whitening run on
 the whole dataset at the end (they are cheap and whitening needs every token). No torch at import.
 """
 from __future__ import annotations
