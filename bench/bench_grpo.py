@@ -20,6 +20,13 @@ autograd on the same LoRA parameters, TRL's logged `grad_norm`) agree within 1e-
 VOID. (On-policy the GRPO loss value is -mean(A) up to rounding, about 0 whatever the log-probs: the gradient
 norm is the check that sees the per-token log-probs, the aggregation and the advantages.)
 
+GSPO parity (case smollm2-lora-gspo, TRL side only: alignpipe's stages are the GRPO case's with another --loss):
+TRL's GSPO setup (importance_sampling_level "sequence", loss_type "grpo", epsilon 3e-4, epsilon_high 4e-4, beta
+0) with steps_per_generation 2, so that the second optimiser step trains on samples of the policy before the
+first step: old log-probs differ from the current ones, the sequence ratios are not 1 and some answers are
+clipped. On that second step's batch, alignpipe's `gspo` loss with TRL's old log-probs as the behaviour policy
+must give TRL's loss within 1e-5 and its gradient norm within 1e-3 relative, else VOID.
+
     python bench/bench_grpo.py [--quick] [--threads 2] [--repeats 3]
 """
 from __future__ import annotations
@@ -41,8 +48,12 @@ LR, LORA, EPS = 1e-4, 16, 0.2
 DATA = common.ROOT / "pipelines" / "data" / "arithmetic.jsonl"
 
 
+GSPO_EPS = (3e-4, 4e-4)  # the GSPO paper's clip range (section 5.1), TRL's recommended epsilon / epsilon_high
+
+
 def cases(quick: bool) -> dict[str, dict]:
-    return {"smollm2-lora-grpo": {"prompts": 4 if quick else 8, "group": 8, "max_new_tokens": 16}}
+    return {"smollm2-lora-grpo": {"prompts": 4 if quick else 8, "group": 8, "max_new_tokens": 16, "loss": "grpo"},
+            "smollm2-lora-gspo": {"prompts": 4, "group": 8, "max_new_tokens": 16, "loss": "gspo"}}
 
 
 def train_prompts(n: int) -> list[dict]:
@@ -81,12 +92,12 @@ def run_alignpipe(a) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- trl
-def _parity(trainer, model, inputs, trl_loss) -> dict:
-    """alignpipe's GRPO loss on TRL's batch and model (before the step), next to TRL's loss."""
+def _parity(trainer, model, inputs, trl_loss, loss_name: str = "grpo") -> dict:
+    """alignpipe's GRPO (or GSPO) loss on TRL's batch and model (before the step), next to TRL's loss."""
     import torch
 
     from alignpipe.models.logprobs import response_token_logps
-    from alignpipe.training.policy_gradient import TokenInputs, grpo_loss
+    from alignpipe.training.policy_gradient import TokenInputs, grpo_loss, gspo_loss
 
     p_ids, p_mask = inputs["prompt_ids"], inputs["prompt_mask"]
     c_ids, c_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -100,14 +111,18 @@ def _parity(trainer, model, inputs, trl_loss) -> dict:
     behaviour = logp.detach() if old is None else old[:, : logp.shape[1]].float()
     x = TokenInputs(logp=logp, behaviour_logp=behaviour, mask=mask, advantage=inputs["advantages"].float(),
                     weight=torch.ones(logp.shape[0]))
-    total, _ = grpo_loss(x, eps_low=EPS, eps_high=EPS)
+    if loss_name == "gspo":
+        total, metrics = gspo_loss(x, eps_low=GSPO_EPS[0], eps_high=GSPO_EPS[1])
+    else:
+        total, metrics = grpo_loss(x, eps_low=EPS, eps_high=EPS)
     loss = total / logp.shape[0]  # train's denominator: the step's examples (all weights 1)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)  # leaves TRL's .grad untouched
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None))
     ours = float(loss)
     return {"loss_alignpipe": ours, "loss_trl": float(trl_loss), "loss_diff": abs(ours - float(trl_loss)),
-            "grad_norm_alignpipe": float(norm)}
+            "grad_norm_alignpipe": float(norm), "ratio_std": float(metrics["ratio/std"]),
+            "clipped": float(metrics["clip/low"] + metrics["clip/high"])}
 
 
 def run_trl(a) -> dict:
@@ -125,13 +140,15 @@ def run_trl(a) -> dict:
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
         return [verifier.one(t, r).score for t, r in zip(texts, reference)]
 
+    gspo = a.loss == "gspo"
+
     class Parity(GRPOTrainer):
         first: ClassVar[dict] = {}
 
         def _compute_loss(self, model, inputs):
             loss = super()._compute_loss(model, inputs)
-            if not self.first:
-                self.first.update(_parity(self, model, inputs, loss))
+            if not self.first or gspo:  # GSPO: the last step's (its samples are one step old)
+                self.first.update(_parity(self, model, inputs, loss, a.loss))
             return loss
 
     start = time.perf_counter()
@@ -142,18 +159,22 @@ def run_trl(a) -> dict:
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "reference": r["reference"]}
                               for r in rows])
     n = a.prompts * a.group
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-grpo-"), per_device_train_batch_size=n,
+    variant = ({"per_device_train_batch_size": n // 2, "steps_per_generation": 2, "max_steps": 2,
+                "epsilon": GSPO_EPS[0], "epsilon_high": GSPO_EPS[1], "importance_sampling_level": "sequence"}
+               if gspo else {"per_device_train_batch_size": n, "max_steps": 1, "epsilon": EPS})
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-grpo-"),
                       gradient_accumulation_steps=1, num_generations=a.group, max_completion_length=a.max_new_tokens,
                       temperature=1.0, top_p=1.0, top_k=0, learning_rate=LR, lr_scheduler_type="constant",
-                      weight_decay=0.0, max_grad_norm=1.0, max_steps=1, beta=0.0, epsilon=EPS, loss_type="grpo",
+                      weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="grpo",
                       scale_rewards="group", logging_steps=1, save_strategy="no", report_to="none",
-                      disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=0)
+                      disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=0,
+                      **variant)
     peft = LoraConfig(r=LORA, lora_alpha=2 * LORA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = Parity(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                      peft_config=peft)
     trainer.train()
     total = time.perf_counter() - start
-    logged = next(r for r in trainer.state.log_history if "grad_norm" in r)
+    logged = [r for r in trainer.state.log_history if "grad_norm" in r][-1]  # the step parity looked at
     return {"seconds": total, "prompts/s": a.prompts / total, **Parity.first, "grad_norm_trl": float(logged["grad_norm"]),
             "reward_trl": float(logged.get("reward", float("nan")))}
 
@@ -166,7 +187,23 @@ def worker_main(a) -> None:
     print(json.dumps({**out, "peak_rss_mb": common.peak_rss_mb()}), flush=True)
 
 
+def measure_parity(name: str, case: dict, threads: int) -> dict:
+    """The TRL side alone, once: its loss and gradient norm on its own batch vs alignpipe's loss (`case['loss']`)."""
+    args = ["--model", str(common.smollm2()), "--prompts", str(case["prompts"]), "--group", str(case["group"]),
+            "--max-new-tokens", str(case["max_new_tokens"]), "--loss", case["loss"]]
+    r = common.worker("bench_grpo.py", ["--side", "trl", *args], threads)
+    grad_diff = abs(r["grad_norm_alignpipe"] - r["grad_norm_trl"]) / max(r["grad_norm_trl"], 1e-12)
+    return {"case": name, "valid": r["loss_diff"] <= 1e-5 and grad_diff <= 1e-3, "loss_trl": r["loss_trl"],
+            "loss_alignpipe": r["loss_alignpipe"], "loss_diff": r["loss_diff"], "grad_norm_trl": r["grad_norm_trl"],
+            "grad_norm_alignpipe": r["grad_norm_alignpipe"], "grad_norm_rel_diff": grad_diff,
+            "ratio_std": r["ratio_std"], "clipped_fraction": r["clipped"], "answers": case["prompts"] * case["group"],
+            "target": f"{case['loss']} loss within 1e-5 and gradient norm within 1e-3 of TRL's on its batch",
+            "load": common.load_average()}
+
+
 def measure(name: str, case: dict, threads: int, repeats: int) -> dict:
+    if case["loss"] != "grpo":
+        return measure_parity(name, case, threads)
     model = str(common.smollm2())
     args = ["--model", model, "--prompts", str(case["prompts"]), "--group", str(case["group"]),
             "--max-new-tokens", str(case["max_new_tokens"])]
@@ -197,12 +234,16 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--loss", choices=("grpo", "gspo"), default="grpo")
+    p.add_argument("--case", help="run this case only")
     a = p.parse_args(argv)
     if a.worker:
         worker_main(a)
         return 0
     common.set_threads(a.threads)
     for name, case in cases(a.quick).items():
+        if a.case and name != a.case:
+            continue
         common.emit(measure(name, case, a.threads, 1 if a.quick else a.repeats))
     return 0
 

@@ -104,7 +104,7 @@ def build_batches(inputs: list[tuple], tokenizer, task: str, opts: BatchOptions)
         why = "; ".join(f"{i['path']}: {i['rows']} rows" + "".join(f", {k} {v}" for k, v in i.items()
                                                              if k not in ("path", "kind", "rows", "examples"))
                         for i in report["inputs"])
-        raise UserError(f"no {task} examples left from the inputs ({why})")
+        raise UserError(f"no {task} examples left from the inputs ({why}){_equal_groups_hint(report['inputs'])}")
     counts: Counter = Counter()
     tokenise.tokenise(examples, tokenizer, num_responses=spec.num_responses, max_length=opts.max_length,
                       max_prompt_length=opts.max_prompt_length, use_chat_template=opts.use_chat_template,
@@ -127,6 +127,16 @@ def build_batches(inputs: list[tuple], tokenizer, task: str, opts: BatchOptions)
         "tokens": sum(map(sum, lengths)), "max_padded_tokens": tokenise.padded_tokens(batches[0], lengths),
     })
     return Dataset.from_list(rows, features=schemas.features(spec.kind)), report
+
+
+def _equal_groups_hint(inputs: list[dict]) -> str:
+    """What to do when the group task dropped every group for equal rewards (nothing to learn from)."""
+    groups = sum(i.get("groups", 0) for i in inputs)
+    if not groups or sum(i.get("equal_groups_dropped", 0) for i in inputs) < groups:
+        return ""
+    return (f": every one of the {groups} groups got the same reward for all its answers, so every advantage is 0; "
+            "keep them with --equal-groups keep (a step that changes nothing), sample more answers per prompt "
+            "(generate --num-samples), or use an easier split the policy sometimes solves")
 
 
 def reference_logps(part, model, *, whole, start: int, groups, task: str, pad_id: int, dtype: str, device):
@@ -356,4 +366,8 @@ def _report_lines(r: dict, task: str, out: Path) -> str:
         dropped = {k: v for k, v in info.items() if k not in ("path", "kind", "rows", "examples")}
         lines.append(f"  {info['path']}: {info['rows']} {info['kind']} rows -> {info['examples']} examples"
                      + (f" ({', '.join(f'{k} {v}' for k, v in dropped.items())})" if dropped else ""))
+    if "gae" in r:
+        g, ev = r["gae"], r["gae"]["explained_variance"]
+        lines.append(f"gae: critic {g['critic']}: mean value {g['value_mean']:.4g}, mean return {g['return_mean']:.4g}, "
+                     f"explained variance {'-' if ev is None else f'{ev:.3f}'}")
     return "\n".join(lines)

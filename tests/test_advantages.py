@@ -84,7 +84,8 @@ def test_estimator_specs_parse_through_the_registry():
     from alignpipe.batches.advantages import estimator
     from alignpipe.core.errors import UserError
 
-    assert estimator("grpo,eps=0")([[1, 0, 0, 1]])[0] == pytest.approx([0.5 / S3, -0.5 / S3, -0.5 / S3, 0.5 / S3])
+    # eps must be > 0 (0 divides by zero on an all-equal group); 1e-300 vanishes next to the std
+    assert estimator("grpo,eps=1e-300")([[1, 0, 0, 1]])[0] == pytest.approx([0.5 / S3, -0.5 / S3, -0.5 / S3, 0.5 / S3])
     assert estimator("rloo")([[1, 0, 0]]) == [[1.0, -0.5, -0.5]]
     with pytest.raises(UserError, match="unknown advantage estimator 'ppo'"):
         estimator("ppo")

@@ -188,3 +188,115 @@ def test_pairing_is_one_implementation_with_one_tie_rule():
     assert pairs("margin:1", [0.0, 0.5, 2.0], 0, "p") == [(0, 2), (1, 2)]
     assert pairs("random", [0.0] * 5, 7, "p") == pairs("random", [1.0] * 5, 7, "p")
     assert set(PAIRINGS) == {"all", "random", "best-worst", "margin"}
+
+
+# ------------------------------------------------------------------------------ hyperparameter ranges
+def _spec_text(kind: str, name: str, skip: str = "") -> str:
+    """A parseable spec of the component with its required parameters (but `skip`) filled, as the round trip."""
+    c = REGISTRIES[kind][name]
+    if kind == "strategy" and name == "function":
+        return f"{name}:reweight_userfn:by_reward"
+    if kind == "annotator" and c.arg:
+        return f"{name}:{_example(c.params[c.arg])}" + "".join(
+            f",{k}={_example(p)}" for k, p in c.params.items() if p.default is REQUIRED and k not in (c.arg, skip))
+    return name + "".join(f",{k}={_example(p)}" for k, p in c.params.items() if p.default is REQUIRED and k != skip)
+
+
+def _all_params(kind: str, name: str) -> dict:
+    return {**REGISTRIES[kind][name].params, **REGISTRIES[kind].common}
+
+
+@pytest.mark.parametrize("kind, name", COMPONENTS)
+def test_every_numeric_hyperparameter_declares_a_range_holding_its_default(kind, name):
+    from alignpipe.core.ranges import parse_range
+
+    missing = [k for k, p in _all_params(kind, name).items() if p.kind in (int, float) and not p.range]
+    assert not missing, (f"{kind} '{name}': declare the range of {', '.join(missing)} in its registry row, e.g. "
+                         f"ranges={{'{missing[0]}': '>=0'}} (syntax: alignpipe/core/ranges.py; 'any' for unbounded)")
+    for key, p in _all_params(kind, name).items():
+        if p.range and p.default is not REQUIRED and p.default is not None:
+            assert parse_range(p.range).contains(p.default), f"{kind} '{name}': default {key}={p.default} outside {p.range}"
+
+
+OUTSIDE = [(kind, name, key, value) for kind, name in COMPONENTS
+           for key, p in _all_params(kind, name).items() if p.range
+           for value in __import__("alignpipe.core.ranges", fromlist=["x"]).parse_range(p.range).outside(p.kind)]
+
+
+@pytest.mark.parametrize("kind, name, key, value", OUTSIDE)
+def test_a_value_just_outside_its_range_is_one_line_naming_component_key_value_and_range(kind, name, key, value):
+    reg = REGISTRIES[kind]
+    text = f"{_spec_text(kind, name, skip=key)},{key}={value}"
+    with pytest.raises(UserError) as e:
+        reg.parse(text)
+    message, p = str(e.value), _all_params(kind, name)[key]
+    assert f"{kind} '{name}'" in message and f"{key}={value}" in message and "\n" not in message
+    assert (p.range.replace("|", ", ") if "|" in p.range else p.range) in message
+
+
+@pytest.mark.parametrize("text, inside, outside", [
+    (">0", [1e-300, 5.0], [0.0, -1.0]), (">=0", [0.0, 3], [-1e-12]), ("<1", [0.99], [1.0]), ("<=1", [1.0], [1.0001]),
+    ("[0,0.5)", [0.0, 0.4999], [0.5, -0.1]), ("(0,1]", [1.0, 1e-9], [0.0, 1.5]), ("[2,9]", [2, 9], [1, 10]),
+    ("[1,inf)", [1.0, 1e300], [0.5]), ("any", [-1e300, 0.0], []), ("chars|words", ["chars", "words"], ["lines", 1]),
+])
+def test_range_syntax(text, inside, outside):
+    from alignpipe.core.ranges import parse_range
+
+    r = parse_range(text)
+    assert all(r.contains(v) for v in inside) and not any(r.contains(v) for v in outside)
+    assert not any(r.contains(v) for v in r.outside(float if not r.choices else str))
+    assert not r.contains(True)
+
+
+@pytest.mark.parametrize("bad", [">", "0..1", "[1,0]", "between 0 and 1"])
+def test_a_bad_range_in_a_row_is_a_programming_error(bad):
+    from alignpipe.core.ranges import parse_range
+
+    with pytest.raises(ValueError, match="range"):
+        parse_range(bad)
+    reg = Registry("toy-ranges", "--toy")
+    try:
+        with pytest.raises(ValueError, match="range"):
+            reg.add("x", lambda t, *, a=1.0: t, ranges={"a": bad})
+        with pytest.raises(ValueError, match="unknown parameter 'b'"):
+            reg.add("y", lambda t, *, a=1.0: t, ranges={"b": ">0"})
+    finally:
+        from alignpipe.core.registry import REGISTRIES as ALL
+
+        ALL.pop("toy-ranges")
+
+
+@pytest.mark.parametrize("args, message", [
+    # a negative beta trained in the reverse direction, silently (exit 0)
+    (["--loss", "dpo,beta=-0.1"], ("--loss 'dpo,beta=-0.1': loss 'dpo': beta=-0.1 is outside its range: must be "
+                                   "in the range >0")),
+    (["--loss", "dpo", "--beta", "-0.1"], "loss 'dpo': beta=-0.1 is outside its range"),
+    # IPO's target margin 1/(2 tau): ZeroDivisionError, exit 1
+    (["--loss", "ipo,tau=0"], "loss 'ipo': tau=0.0 is outside its range: must be in the range >0"),
+    # robust DPO divides by 1 - 2 eps: an internal ValueError, exit 1
+    (["--loss", "robust-dpo,label_smoothing=0.5"], ("loss 'robust-dpo': label_smoothing=0.5 is outside its range: "
+                                                    "must be in the range [0,0.5)")),
+])
+def test_out_of_range_hyperparameters_exit_2_before_any_model_loads(tmp_path, tiny_tokenizer_dir, args, message):
+    """Through the CLI, with a policy folder that does not exist: the range is what fails, in one line."""
+    from test_train import pairs, write_batches
+
+    batches = write_batches(tmp_path / "b", "pairwise", pairs(2), tiny_tokenizer_dir)
+    r = RUNNER.invoke(app, ["train", str(batches), "--policy", str(tmp_path / "no-model"), *args,
+                            "--out", str(tmp_path / "p"), "--device", "cpu"])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "p").exists()
+
+
+def test_out_of_range_annotator_and_estimator_exit_2(tmp_path):
+    """The judge's score scale (one token per score: 2..9) and GRPO's std epsilon (0 divides by zero on an
+    all-equal group kept by --equal-groups keep) are refused while parsing, before the missing model matters."""
+    r = RUNNER.invoke(app, ["annotate", str(tmp_path / "gens"), "--annotator",
+                            f"pointwise-judge:{tmp_path / 'judge'},scale=12", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "annotator 'pointwise-judge': scale=12 is outside its range: must be in the range [2,9]" \
+        in r.output, r.output
+    from alignpipe.batches.advantages import estimator
+
+    with pytest.raises(UserError, match="advantage estimator 'grpo': eps=0.0 is outside its range: must be in the range >0"):
+        estimator("grpo,eps=0")

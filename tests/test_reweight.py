@@ -229,7 +229,7 @@ def test_every_strategy_gives_finite_nonnegative_weights_and_documents_its_formu
 @pytest.mark.parametrize("spec, message", [
     ("nope", ("unknown strategy 'nope' (known: constant, margin, abs-margin, confidence, agreement, length-norm, "
               "recency, importance, class-balance, function)")),
-    ("margin:temperature=0", "temperature must be > 0, got 0.0"),
+    ("margin:temperature=0", "strategy 'margin': temperature=0.0 is outside its range: must be in the range >0"),
     ("margin:temperature=abc", "--strategy 'margin:temperature=abc': temperature: expected a number, found 'abc'"),
     ("margin,temperature=nan", "temperature: expected a finite number, found 'nan'"),
     ("margin:temp=1", "strategy 'margin' has no parameter 'temp' (known: temperature)"),
@@ -239,12 +239,12 @@ def test_every_strategy_gives_finite_nonnegative_weights_and_documents_its_formu
     ("margin:1,2", "strategy 'margin' has no parameter '2'"),
     ("confidence:1", "strategy 'confidence' takes no ':ARG'"),
     ("importance", "strategy 'importance' needs policy (importance:POLICY,clip=None,truncate=None)"),
-    ("importance:policy=P,clip=0.5", "clip must be >= 1"),
-    ("recency:decay=2", "decay must be in (0, 1]"),
+    ("importance:policy=P,clip=0.5", "clip=0.5 is outside its range: must be in the range >=1"),
+    ("recency:decay=2", "decay=2.0 is outside its range: must be in the range (0,1]"),
     ("recency:current=1.5", "current: expected an integer, found '1.5'"),
-    ("abs-margin:clip=-1", "clip must be > 0"),
-    ("constant:value=-1", "value must be >= 0"),
-    ("length-norm:by=words", "by must be tokens or chars"),
+    ("abs-margin:clip=-1", "clip=-1.0 is outside its range: must be in the range >0"),
+    ("constant:value=-1", "value=-1.0 is outside its range: must be in the range >=0"),
+    ("length-norm:by=words", "by=words is outside its range: must be one of tokens, chars"),
 ])
 def test_bad_specs(spec, message):
     with pytest.raises(UserError) as e:
@@ -406,7 +406,7 @@ def test_command_bad_inputs_exit_2_and_write_nothing(tmp_path, tiny_lm_dir):
     cases = {
         "unknown strategy": ([good, "-s", "magic"], "known: constant, margin"),
         "no strategy": ([good], "give at least one --strategy"),
-        "bad parameter": ([good, "-s", "margin:temperature=-1"], "temperature must be > 0"),
+        "bad parameter": ([good, "-s", "margin:temperature=-1"], "temperature=-1.0 is outside its range: must be in the range >0"),
         "nan reward": ([nan, "-s", "constant"], f"{nan}: row 0: column 'response2_reward' is nan"),
         "same sample": ([same, "-s", "constant"], "both 0: a pair must hold two different samples"),
         "pair strategy on a pointwise row": ([good, "-s", "confidence"], "row 1: column 'response2' is null"),

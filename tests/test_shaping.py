@@ -41,8 +41,8 @@ def test_overlong_annotator_scores_num_tokens():
 
 @pytest.mark.parametrize("spec, message", [
     ("overlong,max_tokens=4,cache=5", "need max_tokens >= 1 and 0 <= cache <= max_tokens"),
-    ("overlong,max_tokens=0", "need max_tokens >= 1"),
-    ("overlong,max_tokens=4,cache=-1", "0 <= cache"),
+    ("overlong,max_tokens=0", "annotator 'overlong': max_tokens=0 is outside its range: must be in the range >=1"),
+    ("overlong,max_tokens=4,cache=-1", "annotator 'overlong': cache=-1 is outside its range: must be in the range >=0"),
     ("overlong", "annotator 'overlong' needs max_tokens"),
     ("format:(", "invalid regular expression"),
 ])

@@ -88,11 +88,12 @@ def reinforce_pp_baseline(groups: Groups, *, eps: float = 1e-8) -> Groups:
 
 
 ADVANTAGES = REGISTRY_ESTIMATORS  # the registry's table (alignpipe.core.registry), rows added here
-ADVANTAGES.add("grpo", grpo, docs={"eps": "added to the group's std"})
+ADVANTAGES.add("grpo", grpo, docs={"eps": "added to the group's std"}, ranges={"eps": ">0"})
 ADVANTAGES.add("dr-grpo", dr_grpo)
 ADVANTAGES.add("rloo", rloo)
-ADVANTAGES.add("reinforce++", reinforce_pp, docs={"eps": "added to the batch's std"})
-ADVANTAGES.add("reinforce++-baseline", reinforce_pp_baseline, docs={"eps": "added to the batch's std"})
+ADVANTAGES.add("reinforce++", reinforce_pp, docs={"eps": "added to the batch's std"}, ranges={"eps": ">0"})
+ADVANTAGES.add("reinforce++-baseline", reinforce_pp_baseline, docs={"eps": "added to the batch's std"},
+               ranges={"eps": ">0"})
 ESTIMATORS: dict[str, Callable[..., Groups]] = {name: ADVANTAGES[name].fn for name in ADVANTAGES}
 # per-token advantages from a critic's values (PPO): not a function of group rewards; computed by build-batches
 # after tokenising (alignpipe.batches.critic), so not in ESTIMATORS
@@ -104,7 +105,8 @@ ADVANTAGES.add("gae", critic.gae_estimator, per_token=True,
                                                       "value head)"),
                        "gamma": Param(1.0, float, "discount per token"),
                        "lam": Param(0.95, float, "GAE lambda: 1 = Monte-Carlo returns, 0 = one-step TD"),
-                       "whiten": Param(True, bool, "whiten the advantages over every token of the batch (as TRL)")})
+                       "whiten": Param(True, bool, "whiten the advantages over every token of the batch (as TRL)")},
+               ranges={"gamma": "[0,1]", "lam": "[0,1]"})
 EQUAL_GROUPS = ("drop", "keep")
 
 

@@ -10,6 +10,10 @@ Grammar, parsed by one function (`Registry.parse`):
     --strategy function:mypkg.w:fn      --annotator regex:\\bsorry\\b,count=true
     --pairs margin:0.5                  --pairing best-worst
 
+Every hyperparameter declares its range next to its default (`ranges={"beta": ">0"}` in the row, or
+`Param(range=...)`; syntax: alignpipe.core.ranges): a value outside it is a one-line UserError naming the
+component, the key, the value and the range, raised while parsing, before any model is loaded.
+
 ARG is the text after the first ':' up to the first ','; it fills the component's `arg` parameter. For a
 component with a free ARG (a regular expression, a `module:function`), a ',' segment that is not a known
 `key=value` is part of the ARG. `NAME:key=value` with a known key reads as `NAME,key=value`.
@@ -27,9 +31,10 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from alignpipe.core.errors import UserError
+from alignpipe.core.ranges import parse_range
 
 REQUIRED = inspect.Parameter.empty
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -37,12 +42,13 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 @dataclass(frozen=True)
 class Param:
-    """One hyperparameter: its default (REQUIRED: must be given), type and one-line doc."""
+    """One hyperparameter: its default (REQUIRED: must be given), type, one-line doc and range."""
 
     default: object = REQUIRED
     kind: type = str  # str | int | float | bool
     doc: str = ""
     nullable: bool = False  # None is a valid value (an optional bound, ...)
+    range: str = ""  # alignpipe.core.ranges syntax: >0, [0,1), any, a|b ... ("" : none declared)
 
     def show(self) -> str:
         if self.default is REQUIRED:
@@ -184,6 +190,16 @@ def convert(raw: str, param: Param, where: str):
     return value
 
 
+def _check_range(value, param: Param, where: str, key: str) -> None:
+    """One-line UserError when `value` is outside the parameter's declared range (None passes when nullable)."""
+    if value is None or not param.range:
+        return
+    r = parse_range(param.range)
+    if not r.contains(value):
+        what = f"one of {param.range.replace('|', ', ')}" if r.choices else f"in the range {param.range}"
+        raise UserError(f"{where}: {key}={_show(value)} is outside its range: must be {what}")
+
+
 def load_function(target: str, where: str) -> Callable:
     """The user function `pkg.module:fn` a component names explicitly (never discovered; the current
     directory is importable); one-line UserErrors starting with `where`."""
@@ -224,11 +240,18 @@ class Registry(Mapping):
     # -- the table
     def add(self, name: str, fn: Callable | None = None, *, doc: str | None = None,
             params: dict[str, Param] | None = None, docs: dict | None = None, arg: str | None = None,
-            metavar: str | None = None, free_arg: bool = False, **meta) -> Component:
-        """Register one component (a table row). Hyperparameters: `params`, else fn's keyword-only ones."""
+            metavar: str | None = None, free_arg: bool = False, ranges: dict[str, str] | None = None,
+            **meta) -> Component:
+        """Register one component (a table row). Hyperparameters: `params`, else fn's keyword-only ones;
+        `ranges` sets their ranges (alignpipe.core.ranges)."""
         if name in self._items:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         params = dict(params) if params is not None else signature_params(fn, docs)
+        for key, text in (ranges or {}).items():
+            if key not in params:
+                raise ValueError(f"{self.kind} {name!r}: range for unknown parameter {key!r}")
+            parse_range(text)
+            params[key] = replace(params[key], range=text)
         if arg is not None and arg not in params:
             raise ValueError(f"{self.kind} {name!r}: ARG parameter {arg!r} is not a parameter")
         line = doc if doc is not None else first_sentence(fn.__doc__ or "")
@@ -301,6 +324,8 @@ class Registry(Mapping):
         missing = [k for k, p in c.params.items() if p.default is REQUIRED and k not in given]
         if missing:
             raise UserError(f"{where}: {self.kind} '{name}' needs {', '.join(missing)} ({self.usage(name)})")
+        for key, value in given.items():
+            _check_range(value, known[key], f"{where}: {self.kind} '{name}'", key)
         spec = Spec(c, given, text, self, flag)
         if self.validate is not None:
             self.validate(spec)
@@ -334,7 +359,8 @@ class Registry(Mapping):
             out += [f"### `{name}`", "", f"`{self.usage(name)}` — {c.doc}", ""]
             for k, p in c.params.items():
                 role = " (the ARG)" if k == c.arg else ""
-                out.append(f"- `{k}`{role}: {p.kind.__name__}, default `{p.show()}`. {p.doc}".rstrip())
+                bound = f", range `{p.range}`" if p.range and p.range != "any" else ""
+                out.append(f"- `{k}`{role}: {p.kind.__name__}, default `{p.show()}`{bound}. {p.doc}".rstrip())
             out.append("")
         return "\n".join(out)
 

@@ -235,24 +235,28 @@ STRATEGIES = Registry("strategy", "--strategy", validate=_validate,
                       doc="Per-response training weights (alignpipe/feedback/weights.py); `reweight --strategy`.")
 _R = ("response1_reward", "response2_reward")
 STRATEGIES.add("constant", constant, rows="any", needs=(), forward=False, arg="value",
-               docs={"value": "the weight, >= 0"})
+               docs={"value": "the weight, >= 0"}, ranges={"value": ">=0"})
 STRATEGIES.add("margin", margin, rows="pair", needs=_R, forward=False, arg="temperature",
-               docs={"temperature": "scale of the reward margin, > 0"})
+               docs={"temperature": "scale of the reward margin, > 0"}, ranges={"temperature": ">0"})
 STRATEGIES.add("abs-margin", abs_margin, rows="pair", needs=_R, forward=False, arg="clip",
-               docs={"clip": "upper bound of the weight (none: unbounded)"})
+               docs={"clip": "upper bound of the weight (none: unbounded)"}, ranges={"clip": ">0"})
 STRATEGIES.add("confidence", confidence, rows="pair", needs=("preference",), forward=False)
 STRATEGIES.add("agreement", agreement, rows="pair", needs=("preference",), forward=False)
 STRATEGIES.add("length-norm", length_norm, rows="any", needs=(), forward=False, arg="alpha",
-               docs={"alpha": "exponent: 0 gives 1, 1 a per-token weighting", "by": "tokens | chars"})
+               docs={"alpha": "exponent: 0 gives 1, 1 a per-token weighting", "by": "tokens | chars"},
+               ranges={"alpha": "any", "by": "tokens|chars"})
 STRATEGIES.add("recency", recency, rows="any", needs=(), forward=False, arg="decay",
                docs={"decay": "factor per iteration of age, in (0, 1]",
-                     "current": "the newest iteration (default: the newest in the data)"})
+                     "current": "the newest iteration (default: the newest in the data)"},
+               ranges={"decay": "(0,1]", "current": ">=0"})
 STRATEGIES.add("importance", importance, rows="any", needs=("response1_behaviour_logp", "response2_behaviour_logp"),
                forward=True, arg="policy", docs={"policy": "the current policy's model folder",
                                                  "clip": "bound the ratio to [1/c, c], c >= 1",
-                                                 "truncate": "cap the ratio at c"})
+                                                 "truncate": "cap the ratio at c"},
+               ranges={"clip": ">=1", "truncate": ">0"})
 STRATEGIES.add("class-balance", class_balance, rows="pointwise", needs=(), forward=False, arg="threshold",
-               docs={"threshold": "label rows by response1_reward >= threshold where the label is null"})
+               docs={"threshold": "label rows by response1_reward >= threshold where the label is null"},
+               ranges={"threshold": "any"})
 STRATEGIES.add("function", function, rows="any", needs=(), forward=False, arg="target", metavar="MODULE:FN",
                docs={"target": "your fn(table) -> weights, as pkg.module:fn"})
 

@@ -266,67 +266,82 @@ def orpo_loss(x: LossInputs, *, lam: float = 0.1):
 LOSSES = Registry("loss", "--loss", doc="Alignment losses (alignpipe/training/losses.py); `train --loss NAME[,key=value...]`.")
 _BETA = {"beta": "inverse temperature of the implicit reward beta * log(pi / pi_ref)"}
 _EPS = {"label_smoothing": "assumed rate eps of flipped preference labels"}
+# ranges (alignpipe.core.ranges): beta > 0 where the loss's direction depends on its sign; a label-flip rate
+# below 1/2 (robust DPO divides by 1 - 2 eps); IPO's target margin 1/(2 tau) needs tau > 0
+_POSITIVE_BETA = {"beta": ">0"}
+_FLIP = {"label_smoothing": "[0,0.5)"}
 LOSSES.add("sft", sft_loss, task="sft", needs_reference=False, paper="supervised fine-tuning (token NLL)",
            monotone_in_logp1=True)
 LOSSES.add("reward", reward_loss, task="reward", needs_reference=False,
            paper="Ouyang et al. 2022, Bradley-Terry reward model", monotone_in_logp1=True)
 LOSSES.add("dpo", dpo_loss, task="pairwise", needs_reference=True, paper="Rafailov et al. 2023, DPO",
-           monotone_in_logp1=True, docs=_BETA)
+           monotone_in_logp1=True, docs=_BETA, ranges=_POSITIVE_BETA)
 LOSSES.add("cdpo", cdpo_loss, task="pairwise", needs_reference=True, paper="Mitchell 2023, conservative DPO",
-           monotone_in_logp1=False, docs={**_BETA, **_EPS})
+           monotone_in_logp1=False, docs={**_BETA, **_EPS}, ranges={**_POSITIVE_BETA, **_FLIP})
 LOSSES.add("ipo", ipo_loss, task="pairwise", needs_reference=True, paper="Azar et al. 2023, IPO",
            monotone_in_logp1=False, docs={"tau": "regularisation: the target margin is 1/(2 tau)",
-                                          "length_normalize": "divide each log-ratio by its response length"})
+                                          "length_normalize": "divide each log-ratio by its response length"},
+           ranges={"tau": ">0"})
 LOSSES.add("slic", slic_loss, task="pairwise", needs_reference=False, paper="Zhao et al. 2023, SLiC-HF",
            monotone_in_logp1=True, docs={"delta": "hinge margin on logp1 - logp2",
-                                         "lam": "weight of the NLL regulariser on the chosen response"})
+                                         "lam": "weight of the NLL regulariser on the chosen response"},
+           ranges={"delta": ">=0", "lam": ">=0"})
 LOSSES.add("kto", kto_loss, task="pointwise", needs_reference=True, paper="Ethayarajh et al. 2024, KTO",
            monotone_in_logp1=False, docs={**_BETA, "desirable_weight": "lambda_D, weight of desirable rows",
-                                          "undesirable_weight": "lambda_U, weight of undesirable rows"})
+                                          "undesirable_weight": "lambda_U, weight of undesirable rows"},
+           ranges={**_POSITIVE_BETA, "desirable_weight": ">=0", "undesirable_weight": ">=0"})
 LOSSES.add("simpo", simpo_loss, task="pairwise", needs_reference=False, paper="Meng et al. 2024, SimPO",
            monotone_in_logp1=True, docs={"beta": "scale of the length-normalised log-probs",
-                                         "gamma": "target reward margin"})
+                                         "gamma": "target reward margin"},
+           ranges={**_POSITIVE_BETA, "gamma": ">=0"})
 LOSSES.add("orpo", orpo_loss, task="pairwise", needs_reference=False, paper="Hong et al. 2024, ORPO",
-           monotone_in_logp1=True, docs={"lam": "weight of the odds-ratio term"})
+           monotone_in_logp1=True, docs={"lam": "weight of the odds-ratio term"}, ranges={"lam": ">=0"})
 LOSSES.add("robust-dpo", robust_dpo_loss, task="pairwise", needs_reference=True,
            paper="Chowdhury et al. 2024, robust DPO", monotone_in_logp1=True,
-           docs={**_BETA, "label_smoothing": "known rate eps of flipped preference labels (< 0.5)"})
+           docs={**_BETA, "label_smoothing": "known rate eps of flipped preference labels (< 0.5)"},
+           ranges={**_POSITIVE_BETA, **_FLIP})
 
 
 # token-level policy-gradient losses (task group): presets of the clipped surrogate with their papers' hyperparameters
 _PG = {"eps_low": "clip below: rho >= 1 - eps_low counts for A < 0",
        "eps_high": "clip above: rho <= 1 + eps_high counts for A > 0 (DAPO's clip-higher: eps_high > eps_low)",
        "kl_coef": "coefficient of the k3 KL to the reference per token (needs build-batches --reference)"}
+_PG_RANGES = {"eps_low": "[0,1]", "eps_high": ">=0", "kl_coef": ">=0", "tis_cap": ">=0"}
 _TIS = {"tis_cap": "truncated importance sampling C (Yao et al. 2025): each token times sg(min(pi_old/mu, C)), the "
                    "ratio then to pi_old = the trainer's own log-prob at this step; 0: off (ratio to mu, the sampler)"}
 LOSSES.add("grpo", pg.grpo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
-           paper="Shao et al. 2024, DeepSeekMath GRPO (arXiv 2402.03300)", docs={**_PG, **_TIS})
+           paper="Shao et al. 2024, DeepSeekMath GRPO (arXiv 2402.03300)", docs={**_PG, **_TIS}, ranges=_PG_RANGES)
 LOSSES.add("dr-grpo", pg.dr_grpo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
            paper="Liu et al. 2025, Dr. GRPO (arXiv 2503.20783)",
            docs={**_PG, **_TIS,
-                 "max_tokens": "the constant C token sums are divided by (0: the batch's longest answer)"})
+                 "max_tokens": "the constant C token sums are divided by (0: the batch's longest answer)"},
+           ranges={**_PG_RANGES, "max_tokens": ">=0"})
 LOSSES.add("dapo", pg.dapo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
            paper="Yu et al. 2025, DAPO (arXiv 2503.14476)",
-           docs={**_PG, **_TIS, "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"})
+           docs={**_PG, **_TIS, "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"},
+           ranges={**_PG_RANGES, "mean_tokens": ">=0"})
 LOSSES.add("gspo", pg.gspo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
            paper="Zheng et al. 2025, GSPO (arXiv 2507.18071)",
            docs={**_TIS, "eps_low": "clip below of the answer's ratio s_i (geometric mean of its token ratios)",
                  "eps_high": "clip above of the answer's ratio s_i",
-                 "kl_coef": _PG["kl_coef"]})
+                 "kl_coef": _PG["kl_coef"]}, ranges=_PG_RANGES)
 LOSSES.add("cispo", pg.cispo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
            paper="MiniMax 2025, MiniMax-M1 CISPO (arXiv 2506.13585)",
            docs={**_TIS, "eps_low": "the importance weight is raised to at least 1 - eps_low (1: no lower bound)",
                  "eps_high": "the importance weight is cut at 1 + eps_high (TRL's epsilon_high = 1 + eps_high)",
                  "kl_coef": _PG["kl_coef"],
-                 "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"})
+                 "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"},
+           ranges={**_PG_RANGES, "mean_tokens": ">=0"})
 LOSSES.add("ppo", pg.ppo_loss, task="group", needs_reference=False, monotone_in_logp1=False,
            paper="Schulman et al. 2017, PPO (arXiv 1707.06347), per-token GAE advantages (build-batches --advantage gae)",
-           docs={**_PG, "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"})
+           docs={**_PG, "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"},
+           ranges={"eps_low": "[0,1]", "eps_high": ">=0", "kl_coef": ">=0", "mean_tokens": ">=0"})
 # the critic of PPO (alignpipe.training.value): trains a value model (model='value') on the group batches' returns
 LOSSES.add("value", vl.value_loss, task="group", model="value", needs_reference=False, monotone_in_logp1=False,
            paper="PPO's clipped value loss (OpenAI baselines ppo2; TRL cliprange_value, OpenRLHF value_clip)",
            docs={"clip": "value clipping c: V kept within V_old +- c in the max of the two squared errors (0: none)",
-                 "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"})
+                 "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"},
+           ranges={"clip": ">=0", "mean_tokens": ">=0"})
 PG_LOSSES = {name: c.fn for name, c in LOSSES.items()
              if c.task == "group" and c.meta.get("model") != "value"}  # token-level policy-gradient losses
 

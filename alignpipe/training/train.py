@@ -178,6 +178,7 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     from alignpipe.training import continuation as cont
     from alignpipe.training import loop as tr
     from alignpipe.training import micro_batches as td
+    from alignpipe.training.noop import no_op_notes
     from alignpipe.training.trackers import parse as parse_trackers
 
     check_options(o)
@@ -250,8 +251,10 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
                       "processes": dist.world, "device": dist.device, "sharding": dist.sharding,
                       "save_every": o.save_every, "resumed_from_step": start or None,
                       "optimizer": cont.settings(o, schedule), "continued_from": continued,
-                      **({"reference_numerics": numerics} if numerics else {})}
+                      **({"reference_numerics": numerics} if numerics else {}),
+                      "no_op": no_op_notes(ds, policy_gradient=model_task == "group", history=log.history)}
             line = _finish(so, log, report, _saver(o, so, run, final, tokenizer, schedule, keep_state))
+            line += f"; nothing learned: {'; '.join(report['no_op'])}" if report["no_op"] else ""
         dist.barrier()
         return line
     finally:

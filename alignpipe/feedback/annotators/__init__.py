@@ -69,7 +69,7 @@ class Runtime:
 _TEMPLATE = Param("helpfulness", str, "built-in template name (see pipelines/templates) or a .txt file")
 _LABELS = Param("1/2", str, "the two answer tokens, first/second")
 _SWAP = Param(True, bool, "judge both orders and average (cancels position bias)")
-_WEIGHT = Param(None, float, "weight of this annotator in the combination (default 1)", nullable=True)
+_WEIGHT = Param(None, float, "weight of this annotator in the combination (default 1)", nullable=True, range="any")
 
 # One row per annotator: its factory ("module:function" in alignpipe.feedback.annotators, imported only when used;
 # it gets the parsed spec and the Runtime), pairwise or pointwise, whether its ARG is a local model folder
@@ -80,7 +80,7 @@ ANNOTATORS = Registry("annotator", "--annotator", common={"weight": _WEIGHT},
 ANNOTATORS.add("reward-model", doc="local sequence-classification model; score = its logit", arg="path",
                params={"path": Param(REQUIRED, str, "the reward model's folder"),
                        "max_length": Param(0, int, "keep the last this many tokens of each input (0: model maximum)")},
-               factory="reward_model:build", pairwise=False, model_arg=True)
+               factory="reward_model:build", pairwise=False, model_arg=True, ranges={"max_length": ">=0"})
 ANNOTATORS.add("pairwise-judge", doc="local causal LM; P(first better) = softmax of the two answer tokens' log-probs",
                arg="model_dir", params={"model_dir": Param(REQUIRED, str, "the judge model's folder"),
                                         "template": _TEMPLATE, "labels": _LABELS, "swap": _SWAP},
@@ -89,7 +89,7 @@ ANNOTATORS.add("pointwise-judge", doc="local causal LM; score = expected value o
                arg="model_dir", params={"model_dir": Param(REQUIRED, str, "the judge model's folder"),
                                         "template": _TEMPLATE,
                                         "scale": Param(5, int, "top of the 1..scale score (2..9: one token each)")},
-               factory="judge:build_pointwise", pairwise=False, model_arg=True)
+               factory="judge:build_pointwise", pairwise=False, model_arg=True, ranges={"scale": "[2,9]"})
 ANNOTATORS.add("http", doc="OpenAI-compatible /chat/completions pairwise judge", arg="base_url", params={
     "base_url": Param(REQUIRED, str, "the endpoint, http:// or https://"),
     "model": Param(REQUIRED, str, "model name sent to the endpoint"),
@@ -100,18 +100,20 @@ ANNOTATORS.add("http", doc="OpenAI-compatible /chat/completions pairwise judge",
     "backoff": Param(1.0, float, "first retry delay in seconds, doubled each retry, plus jitter"),
     "max_tokens": Param(8, int, "max_tokens of the reply"),
     "template": _TEMPLATE, "labels": _LABELS, "swap": _SWAP}, factory="http_judge:build", pairwise=True,
-    model_arg=False)
+    model_arg=False, ranges={"concurrency": ">=1", "timeout": ">0", "retries": ">=0", "backoff": ">=0",
+                             "max_tokens": ">=1"})
 ANNOTATORS.add("length", doc="length of the response (a negative weight prefers shorter)",
                params={"unit": Param("chars", str, "chars | words")}, factory="rules:build_length", pairwise=False,
-               model_arg=False)
+               model_arg=False, ranges={"unit": "chars|words"})
 ANNOTATORS.add("regex", doc="1 if the pattern occurs in the response, else 0", arg="pattern", free_arg=True,
                params={"pattern": Param(REQUIRED, str, "a Python regular expression (may hold ',' and '=')"),
                        "count": Param(False, bool, "score = number of matches instead")},
                factory="rules:build_regex", pairwise=False, model_arg=False)
 ANNOTATORS.add("vader", doc="VADER sentiment compound score in [-1, 1]", params={}, factory="rules:build_vader",
                pairwise=False, model_arg=False)
-_CORRECT = Param(1.0, float, "reward of a correct answer")
-_WRONG = Param(0.0, float, "reward of a wrong one (an answer with nothing parseable gets min(correct, wrong))")
+_CORRECT = Param(1.0, float, "reward of a correct answer", range="any")
+_WRONG = Param(0.0, float, "reward of a wrong one (an answer with nothing parseable gets min(correct, wrong))",
+               range="any")
 ANNOTATORS.add("exact-answer", doc="verifier: the final answer of the response vs the prompt's reference "
                "(numbers within a tolerance, else normalised strings)",
                params={"extract": Param("last-number", str, "how the final answer is found: last-number | "
@@ -120,7 +122,8 @@ ANNOTATORS.add("exact-answer", doc="verifier: the final answer of the response v
                                         nullable=True),
                        "tolerance": Param(1e-6, float, "numbers match when |a - r| <= tolerance * max(1, |r|)"),
                        "correct": _CORRECT, "wrong": _WRONG},
-               factory="verifiers:build_exact_answer", pairwise=False, model_arg=False)
+               factory="verifiers:build_exact_answer", pairwise=False, model_arg=False,
+               ranges={"extract": "last-number|first-number|boxed|regex", "tolerance": ">=0"})
 ANNOTATORS.add("math-verify", doc="verifier: symbolic equivalence with the reference by Hugging Face's math-verify "
                "(optional extra: pip install 'alignpipe[math]')", params={"correct": _CORRECT, "wrong": _WRONG},
                factory="verifiers:build_math_verify", pairwise=False, model_arg=False)
@@ -129,7 +132,8 @@ ANNOTATORS.add("overlong", doc="DAPO soft overlong punishment of the answer's le
                params={"max_tokens": Param(REQUIRED, int, "L_max: the length budget in tokens (generate's "
                                            "--max-new-tokens)"),
                        "cache": Param(0, int, "L_cache: the soft window before L_max (0: -1 beyond L_max only)")},
-               factory="shaping:build_overlong", pairwise=False, model_arg=False)
+               factory="shaping:build_overlong", pairwise=False, model_arg=False,
+               ranges={"max_tokens": ">=1", "cache": ">=0"})
 ANNOTATORS.add("format", doc="format check: 1 if the whole answer matches PATTERN (a non-empty \\boxed{} without "
                "one), else 0", arg="pattern", free_arg=True,
                params={"pattern": Param(None, str, "a Python regular expression the stripped answer must match "
