@@ -21,9 +21,16 @@ app = typer.Typer(
 
 
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False):
+def main(ctx: typer.Context,
+         debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False):
     """Online alignment as a loop of restartable stages exchanging fixed-schema datasets on disk."""
     DEBUG["on"] = debug or bool(os.environ.get("ALIGNPIPE_DEBUG"))
+    if os.environ.get("ALIGNPIPE_WORKER") and ctx.invoked_subcommand not in (None, "worker"):
+        from alignpipe.worker.client import run_in_worker  # the resident worker runs it when one answers
+
+        code = run_in_worker(ctx.invoked_subcommand)
+        if code is not None:
+            raise typer.Exit(code)
 
 
 @app.command("schema")
@@ -47,6 +54,7 @@ def _register() -> None:
 
     app.command("import")(import_data.command)
     app.command("inspect")(inspect_data.command)
+    app.command("worker")(__import__("alignpipe.worker.command", fromlist=["command"]).command)
     for name, module in _STAGES:
         app.command(name)(__import__(f"alignpipe.stages.{module}", fromlist=["command"]).command)
 

@@ -24,6 +24,7 @@ def read_manifest(path: Path) -> dict | None:
         return None
 
 
+WORKER: dict = {}  # set by the resident worker (alignpipe.worker) in the child that runs a command: manifests say so
 _HASHES: dict = {}  # (folder, patterns, [(file, size, mtime)]) -> hash: a big model is hashed once per process
 
 
@@ -124,6 +125,7 @@ def build_manifest(*, stage: str, config: dict, inputs: list[Path], kind: str | 
         "seconds": round(time.time() - started, 3),
         "fingerprint": fingerprint_,
         "report": report or {},
+        **({"worker": WORKER} if WORKER else {}),
     })
 
 

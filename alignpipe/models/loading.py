@@ -16,6 +16,9 @@ from pathlib import Path
 from alignpipe.core.errors import UserError, first_line
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Inside a child of the resident worker (alignpipe.worker): its model cache, whose `take(class name, folder,
+# dtype)` returns a model already loaded with these arguments, or None. Empty everywhere else.
+RESIDENT: list = []
 
 
 def quiet_transformers() -> None:
@@ -155,6 +158,10 @@ def load_errors() -> tuple:
 
 def _from_pretrained(cls, path: Path, dtype, trust_remote_code: bool, allow_pickle: bool, what: str):
     quiet_transformers()
+    if RESIDENT and not (trust_remote_code or allow_pickle):
+        cached = RESIDENT[0].take(cls.__name__, path, dtype)
+        if cached is not None:
+            return cached
     try:
         return cls.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
                                    use_safetensors=None if allow_pickle else True)
