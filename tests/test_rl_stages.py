@@ -76,8 +76,8 @@ def test_group_batches_keep_sampled_tokens_and_count_equal_groups(annotated, tin
 
 
 def test_train_group_losses_with_and_without_kl(annotated, tiny_lm_dir):
-    for loss in ("grpo", "dapo,kl_coef=0.05"):
-        out = annotated / f"policy-{loss.split(',')[0]}"
+    for loss in ("grpo", "dapo,kl_coef=0.05", "gspo", "cispo", "grpo,tis_cap=2"):
+        out = annotated / f"policy-{loss.replace(',', '-').replace('=', '')}"
         run("train", annotated / "batches", "--policy", tiny_lm_dir, "--loss", loss, "--lora-r", 4, "--lr", 1e-3,
             "--epochs", 2, "--device", "cpu", "--out", out)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
@@ -85,3 +85,4 @@ def test_train_group_losses_with_and_without_kl(annotated, tiny_lm_dir):
         assert {"clip/low", "clip/high", "ratio/mean", "ratio/std", "entropy", "advantage/mean"} <= set(rows[0])
         assert abs(rows[0]["ratio/mean"] - 1) < 1e-3  # the first step is on-policy
         assert ("kl" in rows[-1]) == ("kl_coef" in loss)
+        assert ("tis/mean" in rows[-1]) == ("tis_cap" in loss)  # TIS: its weights' mean and truncated fraction
