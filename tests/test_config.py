@@ -72,7 +72,7 @@ def test_sectioned_config_errors_are_one_line_and_write_nothing(tmp_path, text, 
 
 def _stage_lines(*variables: str, recipe: str = "rl.mk run") -> list[list[str]]:
     mk, target = recipe.split()
-    out = subprocess.run(["make", "-n", "-f", f"pipelines/{mk}", target, "MODEL=m", "ITERS=2",
+    out = subprocess.run(["make", "-n", "-f", f"pipelines/{mk}", target, "MODEL=m",
                           "DATA=pipelines/data/prompts.jsonl", *variables],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     lines = [shlex.split(line) for line in out.replace("\\\n", " ").splitlines()]
