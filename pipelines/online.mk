@@ -31,6 +31,11 @@
 #                  |2P - 1|, normalised to mean 1: a pair counts by how clearly the annotator separated it;
 #                  works for pairwise judges and pointwise annotators, whose P is sigmoid(r1 - r2))
 #   LR, LORA_R, EPOCHS, BATCH, MAX_NEW_TOKENS, TEMPERATURE: training and sampling settings
+#   CONTINUE       1 (default): each iteration's train continues the previous policy's optimiser (AdamW
+#                  moments, schedule position, RNG: `train --continue-from`), so the iterations are one
+#                  training run; the reference stays policy 0 | 0: a fresh optimiser every iteration
+#   SCHEDULE_STEPS the schedule's length over the whole run (default: ITERS x EPOCHS x the most batches an
+#                  iteration can have, PROMPTS_PER_ITER x NUM_SAMPLES (NUM_SAMPLES - 1) / 2 pairs / BATCH)
 #   REPORT_TO      experiment trackers of train besides TensorBoard (wandb,mlflow,trackio; offline/local by
 #                  default, under RUN/trackers/); report.html links their runs
 #   CONFIG         one YAML file with a section per stage, passed to every stage; the defaults here then give
@@ -64,6 +69,9 @@ TEMPERATURE ?= 1.0
 SEED ?= 0
 REPORT_TO ?=
 TRAIN_OPTS ?= $(call opt,--lora-r,LORA_R) $(if $(REPORT_TO),--report-to $(REPORT_TO))
+CONTINUE ?= 1
+MAX_PAIRS = $(shell echo $$(($(PROMPTS_PER_ITER)*$(NUM_SAMPLES)*($(NUM_SAMPLES)-1)/2)))
+SCHEDULE_STEPS ?= $(shell echo $$(($(ITERS)*$(EPOCHS)*(($(MAX_PAIRS)+$(BATCH)-1)/$(BATCH)))))
 GEN_OPTS ?=
 ifeq ($(origin MODEL), undefined)
 ifeq ($(filter demo-tiny,$(MAKECMDGOALS)),)
@@ -75,6 +83,7 @@ endif
 policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(1)/policy)
 policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(1)/policy/manifest.json)
 prev = $(shell echo $$(($(1)-1)))
+continue = $(if $(and $(filter 1,$(CONTINUE)),$(filter-out 0,$(1))),--continue-from $(call policy,$(1)))
 ITER_LIST := $(shell seq 1 $(ITERS))
 POLICY_LIST := $(shell seq 0 $(ITERS))
 
@@ -105,7 +114,8 @@ $(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/weighted/manifest.json
 $(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(call prev,$(1)))
 	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(call prev,$(1))) $(call opt,--loss,LOSS) \
 	  $(call opt,--beta,BETA) --reference stored $(call opt,--lr,LR) $(call opt,--epochs,EPOCHS) --seed $(SEED) \
-	  $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
+	  $(call continue,$(call prev,$(1))) $(call opt,--schedule-steps,SCHEDULE_STEPS) $(TRAIN_OPTS) \
+	  --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
 endef
 
 define EVALUATION

@@ -36,6 +36,11 @@
 #   LR, LORA_R, MAX_NEW_TOKENS, TEMPERATURE, SEED: training and sampling settings
 #   EVAL_ANNOTATOR   the held-out verifier (default: ANNOTATOR)
 #   SCHEDULER, WARMUP train's learning-rate schedule and warmup steps (constant, 0)
+#   CONTINUE         1 (default): each iteration's train continues the previous policy's optimiser (AdamW
+#                    moments, schedule position, RNG: `train --continue-from`), so the iterations are one
+#                    training run | 0: a fresh optimiser every iteration
+#   SCHEDULE_STEPS   the schedule's length over the whole run (default: ITERS x EPOCHS x the most batches an
+#                    iteration can have, PROMPTS_PER_ITER x NUM_SAMPLES / BATCH)
 #   SHAPING          more annotator specs added to the training reward (space-separated), e.g.
 #                    SHAPING='overlong,max_tokens=16,cache=4,weight=0.5 format,weight=0.1' (held-out: EVAL_ANNOTATOR)
 #   ALGO             grpo (default: advantages from each group's rewards, ADVANTAGE) | ppo: a critic beside the
@@ -83,6 +88,8 @@ SEED ?= 0
 SCHEDULER ?= constant
 WARMUP ?= 0
 TRAIN_OPTS ?= $(call opt,--lora-r,LORA_R)
+CONTINUE ?= 1
+SCHEDULE_STEPS ?= $(shell echo $$(($(ITERS)*$(EPOCHS)*(($(PROMPTS_PER_ITER)*$(NUM_SAMPLES)+$(BATCH)-1)/$(BATCH)))))
 GEN_OPTS ?=
 REFERENCE_OPTS ?=
 TRAIN_ROWS ?= $(shell grep -c '"split": "train"' $(PROMPTS))
@@ -94,6 +101,7 @@ endif
 
 policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy)
 policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy/manifest.json)
+continue = $(if $(and $(filter 1,$(CONTINUE)),$(filter-out 0,$(1))),--continue-from $(call policy,$(1)))
 first_row = $(shell echo $$(($(1)*$(PROMPTS_PER_ITER) % $(TRAIN_ROWS))))
 ITER_LIST := $(shell seq 0 $$(($(ITERS)-1)))
 comma := ,
@@ -129,7 +137,8 @@ $(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.js
 $(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(1))
 	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(1)) $(call opt,--loss,LOSS) \
 	  $(call opt,--lr,LR) $(call opt,--scheduler,SCHEDULER) $(call opt,--warmup-steps,WARMUP) \
-	  $(call opt,--epochs,EPOCHS) --seed $(SEED) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
+	  $(call opt,--epochs,EPOCHS) --seed $(SEED) $(call continue,$(1)) \
+	  $(call opt,--schedule-steps,SCHEDULE_STEPS) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
 $(RUN)/iter-$(1)/critic/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call critic_dep,$(1))
 	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call critic,$(1)) --loss '$(VALUE_LOSS)' \
 	  --lr $(CRITIC_LR) --scheduler constant --epochs $(EPOCHS) --seed $(SEED) $(CRITIC_OPTS) \

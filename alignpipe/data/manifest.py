@@ -14,6 +14,7 @@ from alignpipe.core.secrets import redact, scrub_argv
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state"  # a policy folder's optimiser state (train --continue-from): not its content
+NOT_CONTENT = (MANIFEST, "trackers.json")  # how a folder was made and where its run was logged, not what it is
 def read_manifest(path: Path) -> dict | None:
     f = Path(path) / MANIFEST
     if not f.is_file():
@@ -29,10 +30,11 @@ _HASHES: dict = {}  # (folder, patterns, [(file, size, mtime)]) -> hash: a big m
 
 
 def fingerprint_files(path: Path, patterns=("*.arrow", "*.safetensors", "*.json", "*.bin", "*.model")) -> str:
-    """A content hash of the data/weight files of a folder (sorted by relative name; manifest and a policy's
-    trainer_state/ excluded; JSON files in canonical form, `canonical_json`): the same content, the same hash."""
+    """A content hash of the data/weight files of a folder (sorted by relative name; manifest, trackers.json and
+    a policy's trainer_state/ excluded; JSON files in canonical form, `canonical_json`): the same content, the
+    same hash."""
     path = Path(path)
-    files = sorted({f for p in patterns for f in path.rglob(p) if f.name != MANIFEST and f.is_file()
+    files = sorted({f for p in patterns for f in path.rglob(p) if f.name not in NOT_CONTENT and f.is_file()
                     and TRAINER_STATE not in f.relative_to(path).parts[:-1]})
     stats = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     key = (str(path.resolve()), patterns, stats)

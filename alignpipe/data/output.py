@@ -25,6 +25,7 @@ from pathlib import Path
 from alignpipe.core.errors import LockedError, UserError
 from alignpipe.core.secrets import redact
 from alignpipe.data.manifest import (
+    MANIFEST,
     build_manifest,
     fingerprint_files,
     input_key,
@@ -152,6 +153,8 @@ class StageOutput:
         same = {"config": m.get("key_config"), "inputs": m.get("key_inputs")} == self.key
         if same and self.partial.exists():
             self._sweep_finished_partial()
+        if same:
+            _newer_than_inputs(self.out, self.inputs)
         return same
 
     def _sweep_finished_partial(self) -> None:

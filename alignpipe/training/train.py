@@ -169,6 +169,8 @@ def _metrics_log(so, history: list, report_to: tuple, config: dict):
 def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: bool = False) -> str | None:
     """Pure core of the stage: the policy trained on `batches` into `out`; returns the line to print (None on
     ranks other than 0)."""
+    import random
+
     import torch
 
     from alignpipe.data.io import read_input
@@ -207,6 +209,7 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
 
     prior = cont.read(o.continue_from) if o.continue_from is not None else None
     torch.manual_seed(o.seed)
+    random.seed(o.seed)  # the RNG state a trainer state keeps: the same run, the same bytes
     module, tokenizer = load()
     if prior is not None:
         cont.check_fits(o.continue_from, prior, module)
