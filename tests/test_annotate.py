@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from alignpipe import schemas
 from alignpipe.cli import app
 from alignpipe.core.errors import UserError
+from alignpipe.core.registry import REQUIRED
 from alignpipe.data.io import read_input
 from alignpipe.data.manifest import read_manifest
 from alignpipe.feedback.annotators import ANNOTATORS, Query, Runtime, Verdict, build, parse_spec, swap_average
@@ -305,6 +306,8 @@ def test_resume_after_a_crash_keeps_finished_shards(tmp_path, gens, monkeypatch)
 def test_every_registered_annotator_parses_and_is_documented(name):
     info = ANNOTATORS[name]
     spec_text = name + (":ARG" if info.arg else "") + (",model=m" if "model" in info.params else "")
+    spec_text += "".join(f",{k}=1" for k, p in info.params.items()  # other required ones (overlong's max_tokens)
+                         if p.default is REQUIRED and k not in (info.arg, "model"))
     spec = parse_spec(spec_text)
     assert parse_spec(spec.identity()).identity() == spec.identity()
     assert name in runner.invoke(app, ["annotate", "--help"]).output
