@@ -125,7 +125,8 @@ def run_summary(folder: Path, outputs: list[tuple[Path, dict]]) -> list[str]:
     """A run folder: what it is, then one line per stage output inside it, then where to look next."""
     folder = Path(folder)
     iterations = sorted({rel.parts[0] for rel, _ in outputs if re.fullmatch(r"iter-\d+", rel.parts[0])})
-    span = f" in {len(iterations)} iteration folders ({iterations[0]} .. {iterations[-1]})" if iterations else ""
+    span = (f" in {len(iterations)} iteration folders ({iterations[0]} .. {iterations[-1]})" if len(iterations) > 1
+            else f" in 1 iteration folder ({iterations[0]})" if iterations else "")
     lines = [f"{shown(folder)}: a run folder (not a dataset) with {len(outputs)} stage outputs{span}:"]
     width = max(len(str(rel)) for rel, _ in outputs)
     for rel, m in outputs:
