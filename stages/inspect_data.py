@@ -134,6 +134,9 @@ def command(
         return _model_folder(path, manifest, as_json)
     if folder and _run_folder(path, as_json):
         return
+    if folder and any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise UserError(f"{path}: a model folder that alignpipe did not write (no manifest.json), not a dataset; "
+                        f"use it as `generate --policy`, `train --policy` or `build-batches --tokenizer`")
     ds = _load(path)
     kind, version = kind_of(path)
     info = {"path": str(path), "kind": kind, "version": version, "num_rows": len(ds),

@@ -44,6 +44,10 @@ def test_run_folder_says_what_it_is_and_lists_its_outputs(tmp_path):
     assert "alignpipe import" not in text and lines[-1].startswith("Inspect one: alignpipe inspect ")
     as_json = json.loads(ok("inspect", run, "--json").stdout)
     assert as_json["kind"] == "run" and len(as_json["outputs"]) == len(outputs)
+    model = tmp_path / "model"  # written by make_run: a base model folder, no manifest
+    bad = cli("inspect", model)
+    assert bad.exit_code == 2 and f"{model}: a model folder that alignpipe did not write" in bad.output
+    assert "alignpipe import" not in bad.output
     (tmp_path / "outside").mkdir()  # a folder with no outputs in it is still outside data
     bad = cli("inspect", tmp_path / "outside")
     assert bad.exit_code == 2 and "bring outside data in with `alignpipe import`" in bad.output
