@@ -329,11 +329,11 @@ NAN_FN = "def score(prompt, response):\n    return float('nan') if response == '
 
 @pytest.mark.parametrize("args,message", [
     (["-a", "foo"], "unknown annotator 'foo' (known: reward-model, pairwise-judge"),
-    (["-a", "length,unit=lines"], "unit must be chars or words"),
+    (["-a", "length,unit=lines"], "annotator 'length': unit=lines is outside its range: must be one of chars, words"),
     (["-a", "pairwise-judge:{lm},template=/no/such.txt"], "/no/such.txt: no such file"),
     (["-a", "pairwise-judge:{lm},template=rudeness"],
      "no built-in pairwise template of that name (known: conciseness"),
-    (["-a", "pointwise-judge:{lm},scale=10"], "scale must be in 2..9"),
+    (["-a", "pointwise-judge:{lm},scale=10"], "annotator 'pointwise-judge': scale=10 is outside its range: must be in the range [2,9]"),
     (["-a", "pairwise-judge:{lm}", "--pairing", "pointwise"], "needs pairs"),
     (["-a", "pairwise-judge:{lm},labels=1/1"], "labels must be two different answers"),
     (["-a", "pairwise-judge:{lm}", "--pairing", "best-worst"], "needs a pointwise annotator"),

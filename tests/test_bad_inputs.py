@@ -538,6 +538,17 @@ CASES = [
     Case("output-is-a-file", "--out naming an existing file", "import",
          lambda c: ["import", c.jsonl([{"prompt": "a"}]), "--out", c.name("OUT", c.tmp / "data.jsonl")],
          "error: OUT: exists and is not a folder"),
+    Case("negative-beta", "a negative DPO beta (it would train in the reverse direction)", "train",
+         lambda c: ["train", c.data["batches"], "--policy", c.lm, "--loss", "dpo,beta=-0.1", "--out", c.out],
+         "error: --loss 'dpo,beta=-0.1': loss 'dpo': beta=-0.1 is outside its range: must be in the range >0"),
+    Case("ipo-tau-zero", "IPO's tau of 0 (its target margin is 1/(2 tau))", "train",
+         lambda c: ["train", c.data["batches"], "--policy", c.lm, "--loss", "ipo,tau=0", "--out", c.out],
+         "error: --loss 'ipo,tau=0': loss 'ipo': tau=0.0 is outside its range: must be in the range >0"),
+    Case("robust-dpo-half-flipped", "robust DPO with a label-flip rate of 1/2 (it divides by 1 - 2 eps)", "train",
+         lambda c: ["train", c.data["batches"], "--policy", c.lm, "--loss", "robust-dpo,label_smoothing=0.5",
+                    "--out", c.out],
+         "error: --loss 'robust-dpo,label_smoothing=0.5': loss 'robust-dpo': label_smoothing=0.5 is outside its "
+         "range: must be in the range [0,0.5)"),
 ]
 
 

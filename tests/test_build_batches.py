@@ -494,7 +494,7 @@ def test_empty_responses_are_dropped_and_counted(tmp_path, tiny_tokenizer_dir):
 @pytest.mark.parametrize("extra, message", [
     (["--task", "dpo"], "--task 'dpo': unknown (known: sft, reward, pointwise, pairwise, group)"),
     (["--task", "sft", "--reference", "REF"], "--reference: batches-sft has no reference log-prob columns"),
-    (["--pairs", "margin:-1"], "--pairs 'margin:-1': at_least must be >= 0, e.g. margin:0.5"),
+    (["--pairs", "margin:-1"], "--pairs 'margin:-1': pairing 'margin': at_least=-1.0 is outside its range: must be in the range >=0"),
     (["--pairs", "margin:x"], "--pairs 'margin:x': at_least: expected a number, found 'x'"),
     (["--revision", "main"], "is a local folder, not a Hub id"),
     (["--pairs", "best"], "--pairs 'best': unknown pairing 'best' (known: all, random, best-worst, margin)"),

@@ -51,14 +51,7 @@ def margin(rewards: list, rng: random.Random, *, at_least: float = 0.0) -> list[
             if rewards[i] is not None and rewards[j] is not None and abs(rewards[i] - rewards[j]) >= at_least]
 
 
-def _check(spec) -> None:
-    if spec.name == "margin" and spec.values["at_least"] < 0:
-        from alignpipe.core.errors import UserError
-
-        raise UserError(f"{spec.where}: at_least must be >= 0, e.g. margin:0.5")
-
-
-PAIRINGS = Registry("pairing", "--pairing", validate=_check,
+PAIRINGS = Registry("pairing", "--pairing",
                     doc="Which generations of one prompt form pairs (annotate --pairing, build-batches --pairs). "
                         "`annotate --pairing pointwise`, its default when no annotator is pairwise, forms none: "
                         "one row per generation (response2 null) with its reward, for pointwise and group batches "
