@@ -97,7 +97,7 @@ def numbers(text: str) -> list[Number]:
     text = normalise(text)
     found = []
     for m in TOKEN.finditer(text):
-        before, after = text[:m.start()], text[m.end():]
+        before, after = text[max(0, m.start() - 64):m.start()], text[m.end():m.end() + 64]  # the context the rules read
         if _SKIP_BEFORE.search(before):
             continue
         value = None if _REFUSE_BEFORE.search(before) or _REFUSE_AFTER.search(after) else _value(m)
