@@ -36,6 +36,12 @@
 #                  training run; the reference stays policy 0 | 0: a fresh optimiser every iteration
 #   SCHEDULE_STEPS the schedule's length over the whole run (default: ITERS x EPOCHS x the most batches an
 #                  iteration can have, PROMPTS_PER_ITER x NUM_SAMPLES (NUM_SAMPLES - 1) / 2 pairs / BATCH)
+#   OFF_POLICY   K >= 1: iteration K' samples with policy K'-1-K (0 at the start), so under
+#                `make -jN` the sampling and annotation of iteration K' run beside the training of iteration
+#                K'-1; train refuses answers more than K policies old (--max-staleness K) and records the
+#                lag; the per-token ratio to the behaviour policy corrects it. 0 (default): sequential
+#   OVERLAP_THREADSthreads of each stage when OFF_POLICY >= 1 (default 1: two stages side by side on
+#                2 cores, OMP 1 + 1, not oversubscribed)
 #   REPORT_TO      experiment trackers of train besides TensorBoard (wandb,mlflow,trackio; offline/local by
 #                  default, under RUN/trackers/); report.html links their runs
 #   CONFIG         one YAML file with a section per stage, passed to every stage; the defaults here then give
@@ -70,6 +76,11 @@ SEED ?= 0
 REPORT_TO ?=
 TRAIN_OPTS ?= $(call opt,--lora-r,LORA_R) $(if $(REPORT_TO),--report-to $(REPORT_TO))
 CONTINUE ?= 1
+OFF_POLICY ?= 0
+OVERLAP_THREADS ?= 1
+ifneq ($(OFF_POLICY),0)
+export OMP_NUM_THREADS := $(OVERLAP_THREADS)
+endif
 MAX_PAIRS = $(shell echo $$(($(PROMPTS_PER_ITER)*$(NUM_SAMPLES)*($(NUM_SAMPLES)-1)/2)))
 SCHEDULE_STEPS ?= $(shell echo $$(($(ITERS)*$(EPOCHS)*(($(MAX_PAIRS)+$(BATCH)-1)/$(BATCH)))))
 GEN_OPTS ?=
@@ -83,6 +94,7 @@ endif
 policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(1)/policy)
 policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(1)/policy/manifest.json)
 prev = $(shell echo $$(($(1)-1)))
+behaviour = $(shell k=$$(($(1)-1-$(OFF_POLICY))); echo $$((k < 0 ? 0 : k)))
 continue = $(if $(and $(filter 1,$(CONTINUE)),$(filter-out 0,$(1))),--continue-from $(call policy,$(1)))
 ITER_LIST := $(shell seq 1 $(ITERS))
 POLICY_LIST := $(shell seq 0 $(ITERS))
@@ -96,8 +108,8 @@ $(RUN)/prompts/manifest.json: $(PROMPTS)
 	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts $(CONFIG_OPT)
 
 define ITERATION
-$(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(call prev,$(1)))
-	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(call prev,$(1))) --out $(RUN)/iter-$(1)/generations \
+$(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(call behaviour,$(1)))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(call behaviour,$(1))) --out $(RUN)/iter-$(1)/generations \
 	  --split train --rows $(shell echo $$((($(1)-1)*$(PROMPTS_PER_ITER)))):$(shell echo $$(($(1)*$(PROMPTS_PER_ITER)))) \
 	  $(call opt,--num-samples,NUM_SAMPLES) $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
 	  $(call opt,--temperature,TEMPERATURE) --seed $(SEED) --iteration $(1) $(CONFIG_OPT) $(GEN_OPTS)
@@ -114,7 +126,7 @@ $(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/weighted/manifest.json
 $(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(call prev,$(1)))
 	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(call prev,$(1))) $(call opt,--loss,LOSS) \
 	  $(call opt,--beta,BETA) --reference stored $(call opt,--lr,LR) $(call opt,--epochs,EPOCHS) --seed $(SEED) \
-	  $(call continue,$(call prev,$(1))) $(call opt,--schedule-steps,SCHEDULE_STEPS) $(TRAIN_OPTS) \
+	  $(call continue,$(call prev,$(1))) $(call opt,--schedule-steps,SCHEDULE_STEPS) --max-staleness $(OFF_POLICY) $(TRAIN_OPTS) \
 	  --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
 endef
 

@@ -41,6 +41,12 @@
 #                    training run | 0: a fresh optimiser every iteration
 #   SCHEDULE_STEPS   the schedule's length over the whole run (default: ITERS x EPOCHS x the most batches an
 #                    iteration can have, PROMPTS_PER_ITER x NUM_SAMPLES / BATCH)
+#   OFF_POLICY     K >= 1: iteration K' samples with policy K'-1-K (0 at the start), so under
+#                  `make -jN` the sampling and annotation of iteration K' run beside the training of iteration
+#                  K'-1; train refuses answers more than K policies old (--max-staleness K) and records the
+#                  lag; the per-token ratio to the behaviour policy corrects it. 0 (default): sequential
+#   OVERLAP_THREADSthreads of each stage when OFF_POLICY >= 1 (default 1: two stages side by side on
+#                  2 cores, OMP 1 + 1, not oversubscribed)
 #   SHAPING          more annotator specs added to the training reward (space-separated), e.g.
 #                    SHAPING='overlong,max_tokens=16,cache=4,weight=0.5 format,weight=0.1' (held-out: EVAL_ANNOTATOR)
 #   ALGO             grpo (default: advantages from each group's rewards, ADVANTAGE) | ppo: a critic beside the
@@ -89,6 +95,11 @@ SCHEDULER ?= constant
 WARMUP ?= 0
 TRAIN_OPTS ?= $(call opt,--lora-r,LORA_R)
 CONTINUE ?= 1
+OFF_POLICY ?= 0
+OVERLAP_THREADS ?= 1
+ifneq ($(OFF_POLICY),0)
+export OMP_NUM_THREADS := $(OVERLAP_THREADS)
+endif
 SCHEDULE_STEPS ?= $(shell echo $$(($(ITERS)*$(EPOCHS)*(($(PROMPTS_PER_ITER)*$(NUM_SAMPLES)+$(BATCH)-1)/$(BATCH)))))
 GEN_OPTS ?=
 REFERENCE_OPTS ?=
@@ -101,6 +112,7 @@ endif
 
 policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy)
 policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy/manifest.json)
+behaviour = $(shell k=$$(($(1)-$(OFF_POLICY))); echo $$((k < 0 ? 0 : k)))
 continue = $(if $(and $(filter 1,$(CONTINUE)),$(filter-out 0,$(1))),--continue-from $(call policy,$(1)))
 first_row = $(shell echo $$(($(1)*$(PROMPTS_PER_ITER) % $(TRAIN_ROWS))))
 ITER_LIST := $(shell seq 0 $$(($(ITERS)-1)))
@@ -121,8 +133,8 @@ $(RUN)/prompts/manifest.json: $(PROMPTS)
 	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts $(CONFIG_OPT)
 
 define ITERATION
-$(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
-	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/iter-$(1)/generations \
+$(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(call behaviour,$(1)))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(call behaviour,$(1))) --out $(RUN)/iter-$(1)/generations \
 	  --split train --rows $(call first_row,$(1)):$(shell echo $$(($(call first_row,$(1))+$(PROMPTS_PER_ITER)))) \
 	  $(call opt,--num-samples,NUM_SAMPLES) $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
 	  $(call opt,--temperature,TEMPERATURE) --seed $(shell echo $$(($(SEED)*1000+$(1)))) --iteration $(1) \
@@ -138,7 +150,7 @@ $(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(
 	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(1)) $(call opt,--loss,LOSS) \
 	  $(call opt,--lr,LR) $(call opt,--scheduler,SCHEDULER) $(call opt,--warmup-steps,WARMUP) \
 	  $(call opt,--epochs,EPOCHS) --seed $(SEED) $(call continue,$(1)) \
-	  $(call opt,--schedule-steps,SCHEDULE_STEPS) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
+	  $(call opt,--schedule-steps,SCHEDULE_STEPS) --max-staleness $(OFF_POLICY) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
 $(RUN)/iter-$(1)/critic/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call critic_dep,$(1))
 	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call critic,$(1)) --loss '$(VALUE_LOSS)' \
 	  --lr $(CRITIC_LR) --scheduler constant --epochs $(EPOCHS) --seed $(SEED) $(CRITIC_OPTS) \

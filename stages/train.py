@@ -35,7 +35,7 @@ from alignpipe.training.losses import LOSSES  # the table imports torch lazily: 
 
 # how a run is carried out, not what it computes: left out of the config key, so changing them neither
 # discards checkpoints nor makes a finished output stale (they are in the manifest's report)
-RUN_ONLY = ("resume", "save_every", "device", "sharding", "report_to")
+RUN_ONLY = ("resume", "save_every", "device", "sharding", "report_to", "max_staleness")
 
 
 def _loss_help() -> str:
@@ -68,6 +68,9 @@ def command(
                                                             "--policy.")] = None,
     trainer_state: Annotated[bool, typer.Option(help="Save the optimiser state in POLICY/trainer_state/ for "
                                                      "--continue-from (not with --merge).")] = True,
+    max_staleness: Annotated[int | None, typer.Option(help="Refuse answers sampled more than N policies before "
+                                                           "--policy (overlapped iterations; the lag of each "
+                                                           "answer goes in the manifest).")] = None,
     grad_accum: Annotated[int, typer.Option(help="Stored batches per optimisation step.")] = 1,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: no clipping).")] = 1.0,
     weight_normalization: Annotated[str, typer.Option(help="dataset: a step's loss is sum w*l / (nominal examples "

@@ -35,6 +35,7 @@ class TrainOptions:
     schedule_steps: int | None = None
     continue_from: Path | None = None
     trainer_state: bool = True
+    max_staleness: int | None = None
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     weight_normalization: str = "dataset"
@@ -77,7 +78,8 @@ def check_options(o: TrainOptions) -> None:
         raise UserError(f"--lr {o.lr}: must be > 0")
     limits = (("--grad-accum", o.grad_accum, 1), ("--epochs", o.epochs, 1), ("--warmup-steps", o.warmup_steps, 0),
               ("--save-every", o.save_every, 0), ("--max-steps", 1 if o.max_steps is None else o.max_steps, 1),
-              ("--schedule-steps", 1 if o.schedule_steps is None else o.schedule_steps, 1))
+              ("--schedule-steps", 1 if o.schedule_steps is None else o.schedule_steps, 1),
+              ("--max-staleness", 0 if o.max_staleness is None else o.max_staleness, 0))
     for name, v, low in limits:
         if v < low:
             raise UserError(f"{name} {v}: must be >= {low}")
@@ -180,6 +182,7 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     from alignpipe.training import continuation as cont
     from alignpipe.training import loop as tr
     from alignpipe.training import micro_batches as td
+    from alignpipe.training import staleness as stale
     from alignpipe.training.noop import no_op_notes
     from alignpipe.training.trackers import parse as parse_trackers
 
@@ -188,6 +191,8 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     report_to = parse_trackers(o.report_to or "")
     ds, kind = read_input(batches, BATCH_KINDS, stage="train")
     spec = loss_spec(o, kind, batches)
+    lag = stale.lags(batches, o.policy, len(ds))  # how many policies behind --policy the answers were sampled
+    stale.check(lag, o.max_staleness, batches)
     model_task = spec.component.meta.get("model") or spec.component.task  # 'value': PPO's critic
     if model_task == "value":
         from alignpipe.training.value import check_batches
@@ -254,6 +259,7 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
                       "processes": dist.world, "device": dist.device, "sharding": dist.sharding,
                       "save_every": o.save_every, "resumed_from_step": start or None,
                       "optimizer": cont.settings(o, schedule), "continued_from": continued,
+                      "staleness": stale.summary(lag),
                       **({"reference_numerics": numerics} if numerics else {}),
                       "no_op": no_op_notes(ds, policy_gradient=model_task == "group", history=log.history)}
             line = _finish(so, log, report, _saver(o, so, run, final, tokenizer, schedule, keep_state))
