@@ -46,6 +46,8 @@
 #                  default, under RUN/trackers/); report.html links their runs
 #   CONFIG         one YAML file with a section per stage, passed to every stage; the defaults here then give
 #                  way to it, variables given on the command line still win (see pipelines/config.mk)
+#   WORKER         1: the stages run in a resident worker that keeps imports and models warm (same
+#                  outputs, less start-up; pipelines/worker.mk)
 include $(dir $(lastword $(MAKEFILE_LIST)))config.mk
 PY ?= python
 ALIGNPIPE ?= $(PY) -m alignpipe
@@ -103,8 +105,10 @@ POLICY_LIST := $(shell seq 0 $(ITERS))
 .DELETE_ON_ERROR:
 
 run: $(RUN)/report/report.html
+	$(WORKER_LAST)
 
-$(RUN)/prompts/manifest.json: $(PROMPTS)
+include $(dir $(lastword $(MAKEFILE_LIST)))worker.mk
+$(RUN)/prompts/manifest.json: $(PROMPTS) $(WORKER_FIRST)
 	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts $(CONFIG_OPT)
 
 define ITERATION

@@ -58,6 +58,8 @@
 #   CONFIG           one YAML file with a section per stage, passed to every stage; the defaults here then give
 #                    way to it, variables given on the command line still win (pipelines/configs/rl-demo.yaml
 #                    is the demo: make -f pipelines/rl.mk run CONFIG=pipelines/configs/rl-demo.yaml)
+#   WORKER           1: the stages run in a resident worker that keeps imports and models warm (same
+#                    outputs, less start-up; pipelines/worker.mk)
 include $(dir $(lastword $(MAKEFILE_LIST)))config.mk
 PY ?= python
 ALIGNPIPE ?= $(PY) -m alignpipe
@@ -128,8 +130,10 @@ POLICY_LIST := $(shell seq 0 $(ITERS))
 .DELETE_ON_ERROR:
 
 run: $(RUN)/report/summary.md
+	$(WORKER_LAST)
 
-$(RUN)/prompts/manifest.json: $(PROMPTS)
+include $(dir $(lastword $(MAKEFILE_LIST)))worker.mk
+$(RUN)/prompts/manifest.json: $(PROMPTS) $(WORKER_FIRST)
 	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts $(CONFIG_OPT)
 
 define ITERATION

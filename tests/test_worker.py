@@ -385,3 +385,20 @@ def test_slots_find_models_in_options_and_component_specs(models):
     prof.learn(argv, [{"class": "AutoModelForCausalLM", "folder": str(models["lm"].resolve()), "dtype": "bfloat16"}])
     assert prof.plan(argv) == [("AutoModelForCausalLM", models["lm"].resolve(), "bfloat16")]
     assert prof.plan(argv + ["--trust-remote-code"]) == []
+
+
+# ------------------------------------------------------------------------------------------ recipes
+def test_the_rl_recipe_with_worker_1_runs_its_stages_in_a_worker_it_starts_and_stops(code, models, tmp_path):
+    run = tmp_path / "r"
+    done = subprocess.run(["make", "-s", "-f", "pipelines/rl.mk", "run", f"PY={sys.executable}", f"RUN={run}",
+                           f"MODEL={models['lm']}", "ITERS=1", "PROMPTS_PER_ITER=4", "NUM_SAMPLES=4", "EVAL_PROMPTS=2",
+                           "EVAL_SAMPLES=2", "MAX_NEW_TOKENS=6", "LORA_R=4", "BATCH=8", "ANNOTATOR=length",
+                           "EVAL_ANNOTATOR=exact-answer", "WORKER=1"],
+                          cwd=code, env=env_of(code), capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "not using" not in done.stderr and not (run / ".worker" / "sock").exists()  # stopped at the end
+    log = (run / ".worker" / "worker.log").read_text()
+    stages = {m["stage"] for m in (json.loads(f.read_text()) for f in run.rglob("manifest.json")) if "worker" in m}
+    assert {"import", "generate", "annotate", "build-batches", "train", "evaluate"} <= stages
+    assert " run report " in log
+    assert log.count(" code 0 ") == log.count(" run ") and log.rstrip().endswith("stopped")
