@@ -11,7 +11,9 @@ tokens, temperature 1 (no top-k / top-p), batch size (prompts per optimisation s
 full fine-tuning with the initial policy as reference, and threads. Wall time from the first process start
 to the trained policy on disk; TRL's `train()` alone is reported too, and so is alignpipe with the same five
 commands run one after the other in one process (`one-process`: imports and start-up paid once, as a
-resident runner would).
+resident runner would), and the five commands as processes run by a resident worker (`worker`: `alignpipe
+worker start` once per case, its start-up reported apart as `worker_start_s`; models it cached in an earlier
+repeat stay warm, as the reward model and the reference do across the iterations of a run).
 
     python bench/bench_loop.py [--quick] [--threads 2] [--repeats 5]
 """
@@ -59,11 +61,18 @@ def stage_commands(c: dict, run: Path) -> dict[str, list]:
     }
 
 
-def alignpipe_iteration(c: dict, threads: int) -> dict:
-    """The five stage commands as processes (as `make` runs them); wall seconds of each and in all."""
-    run = Path(tempfile.mkdtemp(prefix="bench-loop-"))
+def stage_env(threads: int, worker: Path | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": str(common.ROOT)}
+    env.pop("ALIGNPIPE_WORKER", None)
+    return {**env, "ALIGNPIPE_WORKER": str(worker)} if worker else env
+
+
+def alignpipe_iteration(c: dict, threads: int, worker: Path | None = None) -> dict:
+    """The five stage commands as processes (as `make` runs them); wall seconds of each and in all. With
+    `worker` (a running `alignpipe worker`'s socket) the same commands, run by the worker."""
+    run = Path(tempfile.mkdtemp(prefix="bench-loop-"))
+    env = stage_env(threads, worker)
     ap = [sys.executable, "-m", "alignpipe"]
     subprocess.run(ap + ["import", c["prompts"], "--out", run / "prompts"], check=True, capture_output=True, env=env)
     seconds = {}
@@ -142,22 +151,41 @@ def trl_iteration(c: dict, threads: int) -> dict:
     return {"seconds": time.perf_counter() - t, "train_seconds": r["train_seconds"]}
 
 
+def start_worker(threads: int) -> tuple[Path, float]:
+    """A resident worker (`alignpipe worker start`) for the `worker` side: its socket and start-up seconds."""
+    sock = Path(tempfile.mkdtemp(prefix="bench-w-")) / "w" / "sock"
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "alignpipe", "worker", "start", "--socket", str(sock)], check=True,
+                   capture_output=True, env=stage_env(threads))
+    return sock, time.perf_counter() - t
+
+
 def measure(name: str, c: dict, threads: int, repeats: int) -> dict:
     load = common.load_average()
-    runs = common.alternate({"alignpipe": lambda: alignpipe_iteration(c, threads),
-                             "trl": lambda: trl_iteration(c, threads),
-                             "one-process": lambda: inprocess_iteration(c, threads)}, repeats)
+    sock, worker_start = start_worker(threads)
+    try:
+        runs = common.alternate({"alignpipe": lambda: alignpipe_iteration(c, threads),
+                                 "trl": lambda: trl_iteration(c, threads),
+                                 "one-process": lambda: inprocess_iteration(c, threads),
+                                 "worker": lambda: alignpipe_iteration(c, threads, sock)}, repeats)
+    finally:
+        subprocess.run([sys.executable, "-m", "alignpipe", "worker", "stop", "--socket", str(sock)], check=False,
+                       capture_output=True, env=stage_env(threads))
     n = c["num_prompts"]
     ours = [n / r["seconds"] for r in runs["alignpipe"]]
     theirs = [n / r["seconds"] for r in runs["trl"]]
     one = [n / r["seconds"] for r in runs["one-process"]]
+    warm = [n / r["seconds"] for r in runs["worker"]]
     stages = {k: common.spread([r["stages"][k] for r in runs["alignpipe"]], 2) for k in runs["alignpipe"][0]["stages"]}
     return {"bench": "loop", "case": name, "threads": threads, "repeats": repeats, "load": load,
             "load_after": common.load_average(), "prompts": n, "batch_size": c["batch_size"],
             "max_new_tokens": c["max_new_tokens"], "pairs_trained": runs["alignpipe"][0]["pairs"],
             "prompts/s": {"alignpipe": common.spread(ours), "trl": common.spread(theirs),
-                          "alignpipe_one_process": common.spread(one)},
-            "ratio_one_process": common.ratios(one, theirs),
+                          "alignpipe_one_process": common.spread(one), "alignpipe_worker": common.spread(warm)},
+            "ratio_one_process": common.ratios(one, theirs), "ratio_worker": common.ratios(warm, theirs),
+            "worker_vs_one_process": common.ratios(warm, one), "worker_start_s": round(worker_start, 2),
+            "worker_stage_seconds": {k: common.spread([r["stages"][k] for r in runs["worker"]], 2)
+                                     for k in runs["worker"][0]["stages"]},
             "trl_train_only_prompts/s": common.spread([n / r["train_seconds"] for r in runs["trl"]]),
             "alignpipe_stage_seconds": stages, "ratio": common.ratios(ours, theirs),
             "target": "prompts/s >= 1.5x OnlineDPOTrainer, stage overheads included",

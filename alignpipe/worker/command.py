@@ -74,6 +74,8 @@ def launch(path: Path, idle_exit: float, max_bytes: int) -> int:
 
 
 def start(path: Path, idle_exit: float, max_bytes: int) -> None:
+    if not hasattr(os, "pidfd_open"):
+        raise UserError("worker: needs Linux 5.3 or later (os.pidfd_open); run the commands without it")
     protocol.make_private_folder(path)
     running = ping(path)
     if running and running.get("version") == protocol.code_version():

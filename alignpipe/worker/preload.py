@@ -17,6 +17,7 @@ from pathlib import Path
 from alignpipe.core.errors import UserError
 
 UNSAFE = ("--trust-remote-code", "--allow-pickle")  # never loaded in the server
+OUTPUTS = ("--out", "-o", "--continue-from")  # folders a stage writes or reads state from, not models it loads
 
 
 def stage_of(argv: list[str]) -> str | None:
@@ -49,7 +50,8 @@ def slots(argv: list[str]) -> list[tuple[str, Path]]:
                 continue
         else:
             value = token
-        if option is None:
+        if option is None or option in OUTPUTS:
+            option = None
             continue
         for piece in dict.fromkeys([value, *re.split(r"[,:=]", value)]):
             folder = model_folder(piece)
