@@ -1,10 +1,12 @@
 # Online RL with verifiable rewards (GRPO / Dr. GRPO / DAPO / RLOO / REINFORCE++) as a chain of alignpipe stages.
 #
-# Each iteration K: sample NUM_SAMPLES answers for each of PROMPTS_PER_ITER fresh train prompts from policy K
-# (per-token behaviour log-probs kept), score each answer with a verifier against the prompt's reference,
-# turn each group's rewards into advantages (ADVANTAGE; groups with equal rewards dropped and counted,
-# EQUAL_GROUPS), and take clipped policy-gradient steps (LOSS) -> policy K+1. Held-out evaluation of every
-# policy: accuracy greedy and over EVAL_SAMPLES samples at temperature 1, mean answer length, KL to policy 0.
+# Iteration K = 1..ITERS: sample NUM_SAMPLES answers for each of PROMPTS_PER_ITER fresh train prompts from
+# policy K-1 (per-token behaviour log-probs kept), score each answer with a verifier against the prompt's
+# reference, turn each group's rewards into advantages (ADVANTAGE; groups with equal rewards dropped and
+# counted, EQUAL_GROUPS), and take clipped policy-gradient steps (LOSS) -> policy K. Held-out evaluation of
+# every policy: accuracy greedy and over EVAL_SAMPLES samples at temperature 1, mean answer length, KL to
+# policy 0. Folders: RUN/iter-K/{generations,annotations,batches,policy} (iter-K/policy is policy K) and
+# RUN/eval/policy-K/ (the evaluation of policy K; policy 0 is MODEL).
 # Targets are the stages' manifest.json files, so an interrupted `make` reruns only what is missing, and
 # each stage itself resumes from its finished shards.
 #
@@ -18,7 +20,7 @@
 #   ITERS            RL iterations (policies 1..ITERS are trained)
 #   PROMPTS          prompts with a `reference` answer per prompt, train/test splits (default: the arithmetic
 #                    task written by pipelines/data/arithmetic.py)
-#   PROMPTS_PER_ITER fresh train prompts per iteration (iteration K takes rows K*P..(K+1)*P, wrapping around)
+#   PROMPTS_PER_ITER fresh train prompts per iteration (iteration K takes rows (K-1)*P..K*P, wrapping around)
 #   NUM_SAMPLES      answers per prompt: the group size
 #   ANNOTATOR        the reward (any `alignpipe annotate --annotator` spec; a verifier: exact-answer, math-verify,
 #                    function:MODULE:FN with the reference)
@@ -41,25 +43,17 @@
 #                    training run | 0: a fresh optimiser every iteration
 #   SCHEDULE_STEPS   the schedule's length over the whole run (default: ITERS x EPOCHS x the most batches an
 #                    iteration can have, PROMPTS_PER_ITER x NUM_SAMPLES / BATCH)
-#   OFF_POLICY     K >= 1: iteration K' samples with policy K'-1-K (0 at the start), so under
-#                  `make -jN` the sampling and annotation of iteration K' run beside the training of iteration
-#                  K'-1; train refuses answers more than K policies old (--max-staleness K) and records the
-#                  lag; the per-token ratio to the behaviour policy corrects it. 0 (default): sequential
-#   OVERLAP_THREADSthreads of each stage when OFF_POLICY >= 1 (default 1: two stages side by side on
-#                  2 cores, OMP 1 + 1, not oversubscribed)
 #   SHAPING          more annotator specs added to the training reward (space-separated), e.g.
 #                    SHAPING='overlong,max_tokens=16,cache=4,weight=0.5 format,weight=0.1' (held-out: EVAL_ANNOTATOR)
 #   ALGO             grpo (default: advantages from each group's rewards, ADVANTAGE) | ppo: a critic beside the
 #                    policy, GAE advantages per token (--advantage gae), policy loss LOSS (default ppo) and the
-#                    critic trained on the same batches each iteration (--loss VALUE_LOSS) -> critic K+1
+#                    critic trained on the same batches each iteration (--loss VALUE_LOSS) -> critic K
 #   CRITIC           ppo: critic 0, a reward model folder or a causal LM (a new zero value head; default MODEL)
 #   GAMMA, LAM       ppo: GAE's discount and lambda (1.0, 0.95)
 #   VALUE_LOSS, CRITIC_LR, CRITIC_OPTS  ppo: the critic's loss (value,clip=0.2), learning rate, other train flags
 #   CONFIG           one YAML file with a section per stage, passed to every stage; the defaults here then give
 #                    way to it, variables given on the command line still win (pipelines/configs/rl-demo.yaml
 #                    is the demo: make -f pipelines/rl.mk run CONFIG=pipelines/configs/rl-demo.yaml)
-#   WORKER           1: the stages run in a resident worker that keeps imports and models warm (same
-#                    outputs, less start-up; pipelines/worker.mk)
 include $(dir $(lastword $(MAKEFILE_LIST)))config.mk
 PY ?= python
 ALIGNPIPE ?= $(PY) -m alignpipe
@@ -97,11 +91,6 @@ SCHEDULER ?= constant
 WARMUP ?= 0
 TRAIN_OPTS ?= $(call opt,--lora-r,LORA_R)
 CONTINUE ?= 1
-OFF_POLICY ?= 0
-OVERLAP_THREADS ?= 1
-ifneq ($(OFF_POLICY),0)
-export OMP_NUM_THREADS := $(OVERLAP_THREADS)
-endif
 SCHEDULE_STEPS ?= $(shell echo $$(($(ITERS)*$(EPOCHS)*(($(PROMPTS_PER_ITER)*$(NUM_SAMPLES)+$(BATCH)-1)/$(BATCH)))))
 GEN_OPTS ?=
 REFERENCE_OPTS ?=
@@ -112,84 +101,84 @@ MODEL := $(shell $(PY) -m alignpipe.models.smollm)
 endif
 endif
 
-policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy)
-policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(shell echo $$(($(1)-1)))/policy/manifest.json)
-behaviour = $(shell k=$$(($(1)-$(OFF_POLICY))); echo $$((k < 0 ? 0 : k)))
+# policy K (and critic K): MODEL (CRITIC) for K = 0, else what iteration K trained; prev: K-1. Iteration K
+# samples with seed SEED*1000+K-1 (the seeds of the measured demo).
+policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(1)/policy)
+policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(1)/policy/manifest.json)
+prev = $(shell echo $$(($(1)-1)))
 continue = $(if $(and $(filter 1,$(CONTINUE)),$(filter-out 0,$(1))),--continue-from $(call policy,$(1)))
-first_row = $(shell echo $$(($(1)*$(PROMPTS_PER_ITER) % $(TRAIN_ROWS))))
-ITER_LIST := $(shell seq 0 $$(($(ITERS)-1)))
+first_row = $(shell echo $$((($(1)-1)*$(PROMPTS_PER_ITER) % $(TRAIN_ROWS))))
+ITER_LIST := $(shell seq 1 $(ITERS))
 comma := ,
 CRITIC ?= $(MODEL)
-critic = $(if $(filter 0,$(1)),$(CRITIC),$(RUN)/iter-$(shell echo $$(($(1)-1)))/critic)
-critic_dep = $(if $(filter ppo,$(ALGO)),$(if $(filter 0,$(1)),,$(RUN)/iter-$(shell echo $$(($(1)-1)))/critic/manifest.json))
+critic = $(if $(filter 0,$(1)),$(CRITIC),$(RUN)/iter-$(1)/critic)
+critic_dep = $(if $(filter ppo,$(ALGO)),$(if $(filter 0,$(1)),,$(RUN)/iter-$(1)/critic/manifest.json))
 advantage = $(if $(filter ppo,$(ALGO)),--advantage 'gae$(comma)gamma=$(GAMMA)$(comma)lam=$(LAM)$(comma)critic=$(call critic,$(1))',$(call opt,--advantage,ADVANTAGE))
-LAST_CRITIC := $(if $(filter ppo,$(ALGO)),$(RUN)/iter-$(shell echo $$(($(ITERS)-1)))/critic/manifest.json)
+LAST_CRITIC := $(if $(filter ppo,$(ALGO)),$(RUN)/iter-$(ITERS)/critic/manifest.json)
 POLICY_LIST := $(shell seq 0 $(ITERS))
 
 .PHONY: run demo demo-tiny report
 .DELETE_ON_ERROR:
 
 run: $(RUN)/report/summary.md
-	$(WORKER_LAST)
 
-include $(dir $(lastword $(MAKEFILE_LIST)))worker.mk
-$(RUN)/prompts/manifest.json: $(PROMPTS) $(WORKER_FIRST)
+$(RUN)/prompts/manifest.json: $(PROMPTS)
 	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts $(CONFIG_OPT)
 
 define ITERATION
-$(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(call behaviour,$(1)))
-	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(call behaviour,$(1))) --out $(RUN)/iter-$(1)/generations \
+$(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(call prev,$(1)))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(call prev,$(1))) --out $(RUN)/iter-$(1)/generations \
 	  --split train --rows $(call first_row,$(1)):$(shell echo $$(($(call first_row,$(1))+$(PROMPTS_PER_ITER)))) \
 	  $(call opt,--num-samples,NUM_SAMPLES) $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
-	  $(call opt,--temperature,TEMPERATURE) --seed $(shell echo $$(($(SEED)*1000+$(1)))) --iteration $(1) \
+	  $(call opt,--temperature,TEMPERATURE) --seed $(shell echo $$(($(SEED)*1000+$(1)-1))) --iteration $(1) \
 	  $(CONFIG_OPT) $(GEN_OPTS)
 $(RUN)/iter-$(1)/annotations/manifest.json: $(RUN)/iter-$(1)/generations/manifest.json
 	$(ALIGNPIPE) annotate $(RUN)/iter-$(1)/generations $(call opt,--annotator,ANNOTATOR) \
 	  $(foreach s,$(SHAPING),--annotator '$(s)') --pairing pointwise --out $(RUN)/iter-$(1)/annotations $(CONFIG_OPT)
-$(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.json $(call critic_dep,$(1))
-	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/annotations --task group $(call advantage,$(1)) \
+$(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.json $(call critic_dep,$(call prev,$(1)))
+	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/annotations --task group $(call advantage,$(call prev,$(1))) \
 	  $(call opt,--equal-groups,EQUAL_GROUPS) --tokenizer $(MODEL) $(call opt,--batch-size,BATCH) --seed $(SEED) \
 	  $(REFERENCE_OPTS) --out $(RUN)/iter-$(1)/batches $(CONFIG_OPT)
-$(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(1))
-	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(1)) $(call opt,--loss,LOSS) \
+$(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(call prev,$(1)))
+	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(call prev,$(1))) $(call opt,--loss,LOSS) \
 	  $(call opt,--lr,LR) $(call opt,--scheduler,SCHEDULER) $(call opt,--warmup-steps,WARMUP) \
-	  $(call opt,--epochs,EPOCHS) --seed $(SEED) $(call continue,$(1)) \
-	  $(call opt,--schedule-steps,SCHEDULE_STEPS) --max-staleness $(OFF_POLICY) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
-$(RUN)/iter-$(1)/critic/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call critic_dep,$(1))
-	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call critic,$(1)) --loss '$(VALUE_LOSS)' \
+	  $(call opt,--epochs,EPOCHS) --seed $(SEED) $(call continue,$(call prev,$(1))) \
+	  $(call opt,--schedule-steps,SCHEDULE_STEPS) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
+$(RUN)/iter-$(1)/critic/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call critic_dep,$(call prev,$(1)))
+	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call critic,$(call prev,$(1))) --loss '$(VALUE_LOSS)' \
 	  --lr $(CRITIC_LR) --scheduler constant --epochs $(EPOCHS) --seed $(SEED) $(CRITIC_OPTS) \
 	  --out $(RUN)/iter-$(1)/critic
 endef
 
 define EVALUATION
-$(RUN)/eval/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
-	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/iter-$(1)/generations \
+$(RUN)/eval/policy-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/policy-$(1)/generations \
 	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples $(EVAL_SAMPLES) $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
 	  --temperature 1.0 --seed 1234 --iteration $(1) $(CONFIG_OPT) $(GEN_OPTS)
-$(RUN)/eval/iter-$(1)/scores/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json
-	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/generations $(call opt,--annotator,EVAL_ANNOTATOR ANNOTATOR) \
-	  --pairing pointwise --out $(RUN)/eval/iter-$(1)/scores $(CONFIG_OPT)
-$(RUN)/eval/iter-$(1)/greedy-generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
-	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/iter-$(1)/greedy-generations \
+$(RUN)/eval/policy-$(1)/scores/manifest.json: $(RUN)/eval/policy-$(1)/generations/manifest.json
+	$(ALIGNPIPE) annotate $(RUN)/eval/policy-$(1)/generations $(call opt,--annotator,EVAL_ANNOTATOR ANNOTATOR) \
+	  --pairing pointwise --out $(RUN)/eval/policy-$(1)/scores $(CONFIG_OPT)
+$(RUN)/eval/policy-$(1)/greedy-generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(1))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(1)) --out $(RUN)/eval/policy-$(1)/greedy-generations \
 	  --split test --rows 0:$(EVAL_PROMPTS) --num-samples 1 $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
 	  --temperature 0 --seed 1234 --iteration $(1) $(CONFIG_OPT) $(GEN_OPTS)
-$(RUN)/eval/iter-$(1)/greedy-scores/manifest.json: $(RUN)/eval/iter-$(1)/greedy-generations/manifest.json
-	$(ALIGNPIPE) annotate $(RUN)/eval/iter-$(1)/greedy-generations $(call opt,--annotator,EVAL_ANNOTATOR ANNOTATOR) \
-	  --pairing pointwise --out $(RUN)/eval/iter-$(1)/greedy-scores $(CONFIG_OPT)
-$(RUN)/eval/iter-$(1)/versus-0/manifest.json: $(RUN)/eval/iter-$(1)/generations/manifest.json $(RUN)/eval/iter-0/generations/manifest.json
-	$(ALIGNPIPE) evaluate $(RUN)/eval/iter-$(1)/generations $(RUN)/eval/iter-0/generations \
-	  $(call opt,--annotator,EVAL_ANNOTATOR ANNOTATOR) --reference $(MODEL) --out $(RUN)/eval/iter-$(1)/versus-0 \
+$(RUN)/eval/policy-$(1)/greedy-scores/manifest.json: $(RUN)/eval/policy-$(1)/greedy-generations/manifest.json
+	$(ALIGNPIPE) annotate $(RUN)/eval/policy-$(1)/greedy-generations $(call opt,--annotator,EVAL_ANNOTATOR ANNOTATOR) \
+	  --pairing pointwise --out $(RUN)/eval/policy-$(1)/greedy-scores $(CONFIG_OPT)
+$(RUN)/eval/policy-$(1)/versus-0/manifest.json: $(RUN)/eval/policy-$(1)/generations/manifest.json $(RUN)/eval/policy-0/generations/manifest.json
+	$(ALIGNPIPE) evaluate $(RUN)/eval/policy-$(1)/generations $(RUN)/eval/policy-0/generations \
+	  $(call opt,--annotator,EVAL_ANNOTATOR ANNOTATOR) --reference $(MODEL) --out $(RUN)/eval/policy-$(1)/versus-0 \
 	  $(CONFIG_OPT)
 endef
 
 $(foreach k,$(ITER_LIST),$(eval $(call ITERATION,$(k))))
 $(foreach k,$(POLICY_LIST),$(eval $(call EVALUATION,$(k))))
 
-EVAL_TARGETS := $(foreach k,$(POLICY_LIST),$(RUN)/eval/iter-$(k)/scores/manifest.json \
-                  $(RUN)/eval/iter-$(k)/greedy-scores/manifest.json) \
-                $(foreach k,$(filter-out 0,$(POLICY_LIST)),$(RUN)/eval/iter-$(k)/versus-0/manifest.json)
+EVAL_TARGETS := $(foreach k,$(POLICY_LIST),$(RUN)/eval/policy-$(k)/scores/manifest.json \
+                  $(RUN)/eval/policy-$(k)/greedy-scores/manifest.json) \
+                $(foreach k,$(filter-out 0,$(POLICY_LIST)),$(RUN)/eval/policy-$(k)/versus-0/manifest.json)
 
-$(RUN)/report/summary.md: $(EVAL_TARGETS) $(RUN)/iter-$(shell echo $$(($(ITERS)-1)))/policy/manifest.json $(LAST_CRITIC)
+$(RUN)/report/summary.md: $(EVAL_TARGETS) $(RUN)/iter-$(ITERS)/policy/manifest.json $(LAST_CRITIC)
 	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report
 	$(PY) -m alignpipe.report.rl_table $(RUN) > $(RUN)/report/rl-table.md
 

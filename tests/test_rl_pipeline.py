@@ -53,7 +53,7 @@ def _contents(run: Path) -> dict[str, object]:
     return out
 
 
-@pytest.mark.parametrize("marker", ["iter-0/annotations", "iter-1/generations"])
+@pytest.mark.parametrize("marker", ["iter-1/annotations", "iter-2/generations"])
 def test_rl_recipe_killed_anywhere_then_resumed_equals_uninterrupted(tmp_path, tiny_lm_dir, marker):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = tmp_path / "run"
@@ -71,9 +71,9 @@ def test_rl_recipe_killed_anywhere_then_resumed_equals_uninterrupted(tmp_path, t
     assert done.returncode == 0, done.stderr[-2000:]
     after = _manifests(run)
     assert all(after[k] == v for k, v in before.items()), "a finished stage was redone"
-    assert (run / "iter-1/policy/adapter_config.json").exists()
+    assert (run / "iter-2/policy/adapter_config.json").exists() and not (run / "iter-0").exists()
     for k in range(3):
-        assert (run / f"eval/iter-{k}/greedy-scores/manifest.json").exists()
+        assert (run / f"eval/policy-{k}/greedy-scores/manifest.json").exists()
     table = (run / "report/rl-table.md").read_text()
     assert table.count("\n| ") >= 3 and "greedy_accuracy" in table
 
