@@ -43,6 +43,12 @@
 #                    training run | 0: a fresh optimiser every iteration
 #   SCHEDULE_STEPS   the schedule's length over the whole run (default: ITERS x EPOCHS x the most batches an
 #                    iteration can have, PROMPTS_PER_ITER x NUM_SAMPLES / BATCH)
+#   OFF_POLICY     K >= 1: iteration K' samples with policy K'-1-K (0 at the start), so under
+#                  `make -jN` the sampling and annotation of iteration K' run beside the training of iteration
+#                  K'-1; train refuses answers more than K policies old (--max-staleness K) and records the
+#                  lag; the per-token ratio to the behaviour policy corrects it. 0 (default): sequential
+#   OVERLAP_THREADSthreads of each stage when OFF_POLICY >= 1 (default 1: two stages side by side on
+#                  2 cores, OMP 1 + 1, not oversubscribed)
 #   SHAPING          more annotator specs added to the training reward (space-separated), e.g.
 #                    SHAPING='overlong,max_tokens=16,cache=4,weight=0.5 format,weight=0.1' (held-out: EVAL_ANNOTATOR)
 #   ALGO             grpo (default: advantages from each group's rewards, ADVANTAGE) | ppo: a critic beside the
@@ -54,6 +60,8 @@
 #   CONFIG           one YAML file with a section per stage, passed to every stage; the defaults here then give
 #                    way to it, variables given on the command line still win (pipelines/configs/rl-demo.yaml
 #                    is the demo: make -f pipelines/rl.mk run CONFIG=pipelines/configs/rl-demo.yaml)
+#   WORKER           1: the stages run in a resident worker that keeps imports and models warm (same
+#                    outputs, less start-up; pipelines/worker.mk)
 include $(dir $(lastword $(MAKEFILE_LIST)))config.mk
 PY ?= python
 ALIGNPIPE ?= $(PY) -m alignpipe
@@ -91,6 +99,11 @@ SCHEDULER ?= constant
 WARMUP ?= 0
 TRAIN_OPTS ?= $(call opt,--lora-r,LORA_R)
 CONTINUE ?= 1
+OFF_POLICY ?= 0
+OVERLAP_THREADS ?= 1
+ifneq ($(OFF_POLICY),0)
+export OMP_NUM_THREADS := $(OVERLAP_THREADS)
+endif
 SCHEDULE_STEPS ?= $(shell echo $$(($(ITERS)*$(EPOCHS)*(($(PROMPTS_PER_ITER)*$(NUM_SAMPLES)+$(BATCH)-1)/$(BATCH)))))
 GEN_OPTS ?=
 REFERENCE_OPTS ?=
@@ -106,6 +119,7 @@ endif
 policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(1)/policy)
 policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(1)/policy/manifest.json)
 prev = $(shell echo $$(($(1)-1)))
+behaviour = $(shell k=$$(($(1)-1-$(OFF_POLICY))); echo $$((k < 0 ? 0 : k)))
 continue = $(if $(and $(filter 1,$(CONTINUE)),$(filter-out 0,$(1))),--continue-from $(call policy,$(1)))
 first_row = $(shell echo $$((($(1)-1)*$(PROMPTS_PER_ITER) % $(TRAIN_ROWS))))
 ITER_LIST := $(shell seq 1 $(ITERS))
@@ -121,13 +135,15 @@ POLICY_LIST := $(shell seq 0 $(ITERS))
 .DELETE_ON_ERROR:
 
 run: $(RUN)/report/summary.md
+	$(WORKER_LAST)
 
-$(RUN)/prompts/manifest.json: $(PROMPTS)
+include $(dir $(lastword $(MAKEFILE_LIST)))worker.mk
+$(RUN)/prompts/manifest.json: $(PROMPTS) $(WORKER_FIRST)
 	$(ALIGNPIPE) import $(PROMPTS) --out $(RUN)/prompts $(CONFIG_OPT)
 
 define ITERATION
-$(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(call prev,$(1)))
-	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(call prev,$(1))) --out $(RUN)/iter-$(1)/generations \
+$(RUN)/iter-$(1)/generations/manifest.json: $(RUN)/prompts/manifest.json $(call policy_dep,$(call behaviour,$(1)))
+	$(ALIGNPIPE) generate $(RUN)/prompts --policy $(call policy,$(call behaviour,$(1))) --out $(RUN)/iter-$(1)/generations \
 	  --split train --rows $(call first_row,$(1)):$(shell echo $$(($(call first_row,$(1))+$(PROMPTS_PER_ITER)))) \
 	  $(call opt,--num-samples,NUM_SAMPLES) $(call opt,--max-new-tokens,MAX_NEW_TOKENS) \
 	  $(call opt,--temperature,TEMPERATURE) --seed $(shell echo $$(($(SEED)*1000+$(1)-1))) --iteration $(1) \
@@ -143,7 +159,7 @@ $(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(
 	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(call prev,$(1))) $(call opt,--loss,LOSS) \
 	  $(call opt,--lr,LR) $(call opt,--scheduler,SCHEDULER) $(call opt,--warmup-steps,WARMUP) \
 	  $(call opt,--epochs,EPOCHS) --seed $(SEED) $(call continue,$(call prev,$(1))) \
-	  $(call opt,--schedule-steps,SCHEDULE_STEPS) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
+	  $(call opt,--schedule-steps,SCHEDULE_STEPS) --max-staleness $(OFF_POLICY) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
 $(RUN)/iter-$(1)/critic/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call critic_dep,$(call prev,$(1)))
 	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call critic,$(call prev,$(1))) --loss '$(VALUE_LOSS)' \
 	  --lr $(CRITIC_LR) --scheduler constant --epochs $(EPOCHS) --seed $(SEED) $(CRITIC_OPTS) \
