@@ -156,19 +156,28 @@ def test_the_child_runs_with_the_clients_thread_count(code, worker, models, tmp_
 
 
 def test_two_clients_at_once_run_side_by_side(code, worker, models, tmp_path):
-    prompts_file(tmp_path, 8)
+    """The first command is frozen (SIGSTOP) inside the worker; the second one still runs to the end."""
+    prompts_file(tmp_path, 4)
     ap(code, tmp_path, "import", "p.jsonl", "--out", "prompts")
-    args = ["generate", "prompts", "--policy", models["lm"], "--num-samples", 4, "--max-new-tokens", 48, "--seed", 2,
+    args = ["generate", "prompts", "--policy", models["lm"], "--num-samples", 2, "--max-new-tokens", 8, "--seed", 2,
             "--device", "cpu"]
-    procs = [subprocess.Popen([sys.executable, "-m", "alignpipe", *map(str, args), "--out", out], cwd=tmp_path,
-                              env=env_of(code, worker), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for out in ("a", "b")]
-    pids = [int(re.search(r"pid (\d+)", line).group(1)) for line in _log_until(worker, "run generate", 2)]
-    for p in procs:
-        assert p.wait(timeout=600) == 0, p.stderr.read()
-    log = (worker.parent / "worker.log").read_text()
-    first_exit = min(log.index(f"exit generate pid {pid} ") for pid in pids)
-    assert all(log.index(f"run generate pid {pid}") < first_exit for pid in pids), "the second waited for the first"
+
+    def client(out: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "alignpipe", *map(str, args), "--out", out], cwd=tmp_path,
+                                env=env_of(code, worker), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    before = (worker.parent / "worker.log").read_text().count("run generate")
+    first = client("a")
+    line = _log_until(worker, "run generate", before + 1)[-1]
+    pid = int(re.search(r"pid (\d+)", line).group(1))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        second = client("b")
+        assert second.wait(timeout=300) == 0, second.stderr.read()
+        assert first.poll() is None  # still frozen: the second did not wait for it
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
     assert row_hashes(tmp_path / "a") == row_hashes(tmp_path / "b")
 
 
@@ -177,7 +186,7 @@ def _log_until(sock: Path, text: str, count: int, timeout: float = 120) -> list[
     while time.time() < deadline:
         lines = [x for x in (sock.parent / "worker.log").read_text().splitlines() if text in x]
         if len(lines) >= count:
-            return lines[-count:]
+            return lines[:count]
         time.sleep(0.05)
     raise AssertionError(f"the worker never logged {count} x {text!r}")
 
