@@ -255,6 +255,18 @@ def test_a_stale_socket_is_not_used_and_start_replaces_it(code, models, tmp_path
         ap(code, tmp_path, "worker", "stop", "--socket", sock)
 
 
+def test_start_keeps_a_running_worker_and_an_idle_worker_exits(code, tmp_path):
+    sock = tmp_path / "w" / ".worker" / "sock"
+    sock.parent.parent.mkdir()
+    pid = start_worker(code, sock, "--idle-exit", "8")  # the later --idle-exit wins over start_worker's
+    again = ap(code, tmp_path, "worker", "start", "--socket", sock)
+    assert f"already running (pid {pid})" in again.stderr
+    deadline = time.time() + 60
+    while status(code, sock)["running"] and time.time() < deadline:
+        time.sleep(0.5)
+    assert not sock.exists() and "idle: exiting" in (sock.parent / "worker.log").read_text()
+
+
 def test_a_worker_of_other_code_is_not_used_and_start_replaces_it(code, worker, tmp_path):
     other = tmp_path / "code"
     shutil.copytree(code, other)

@@ -92,6 +92,7 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: self.stop())
         self.log(f"started pid {os.getpid()} version {self.version}")
+        self.last_active = time.time()
         while not self.stopping or self.jobs:
             for key, _ in self.sel.select(timeout=1.0):
                 key.data(key.fileobj)
@@ -130,7 +131,8 @@ class Server:
         fds: list[int] = []
         try:
             msg, fds = protocol.receive(conn, max_fds=3)
-            self.last_active = time.time()
+            if msg.get("op") == "run":  # a status or ping does not keep an idle worker alive
+                self.last_active = time.time()
             self.answer(conn, msg, fds)
         except (EOFError, OSError, ValueError, KeyError, TypeError) as e:
             self.log(f"bad request: {type(e).__name__}")
