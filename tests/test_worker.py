@@ -280,7 +280,9 @@ def test_a_worker_of_other_code_is_not_used_and_start_replaces_it(code, worker, 
 # ------------------------------------------------------------------------------------------ security
 def test_socket_folder_is_private_and_only_unix_sockets_are_open(code, worker):
     assert (worker.parent.stat().st_mode & 0o777) == 0o700 and (worker.stat().st_mode & 0o777) == 0o600
-    pid = status(code, worker)["pid"]
+    st = status(code, worker)
+    pid = st["pid"]
+    assert st["threads"] == 1 and st["cuda_initialised"] is False  # nothing that does not survive a fork
     inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
               if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")}
     assert inodes

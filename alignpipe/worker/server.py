@@ -44,6 +44,7 @@ def warm_imports() -> dict:
     import pkgutil
     import warnings
 
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # a CUDA check here asks NVML, never starts CUDA
     import torch
 
     torch.set_num_threads(1)
@@ -253,7 +254,10 @@ class Server:
     def status(self) -> dict:
         import threading
 
+        import torch
+
         return {"running": True, "pid": os.getpid(), "version": self.version, "socket": str(self.path),
+                "cuda_initialised": torch.cuda.is_initialized(),
                 "uptime_s": round(time.time() - self.started, 1), "commands_served": self.served,
                 "commands_running": len(self.jobs), "idle_exit_s": self.idle_exit,
                 "max_memory_bytes": self.cache.max_bytes, "cached_bytes": self.cache.total(),
