@@ -209,6 +209,10 @@ def test_older_runs_read_under_the_same_numbers_and_names(tmp_path):
     html = (old / "report" / "report.html").read_text()
     assert "train: logratio" in html and "train: kl<" not in html
     assert "iteration 1: answers of policy 0 train policy 1 (iter-0/)" in html
+    for k in range(2):  # a loop by hand that keeps policy K in RUN/policy-K
+        shutil.move(old / f"iter-{k}" / "policy", old / f"policy-{k + 1}")
+    ok("report", old)
+    assert json.loads((old / "report" / "summary.json").read_text()) == summary
 
 
 def test_tracker_runs_are_linked(tmp_path):

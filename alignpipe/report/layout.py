@@ -8,7 +8,8 @@ offline.mk). Policy K is the model after K training iterations; policy 0 is the 
     RUN/{data,weighted,batches,policy}                      an offline recipe: one iteration, policy 1
 
 Runs written before this numbering (RUN/iter-K counted from 0, its policy being policy K+1, and RUN/eval/iter-K
-evaluating policy K) are read under the same policy numbers.
+evaluating policy K) are read under the same policy numbers, and so are loops by hand that keep policy K in
+RUN/policy-K.
 """
 from __future__ import annotations
 
@@ -43,19 +44,18 @@ def _numbered(root: Path, prefix: str) -> dict[int, Path]:
 
 
 def legacy(run: Path) -> bool:
-    """A run written before the numbering above: its first iteration is RUN/iter-0."""
+    """Iterations counted from 0 (older runs): RUN/iter-0 trains policy 1."""
     return (run / "iter-0").is_dir() or (run / "eval" / "iter-0").is_dir()
 
 
 def layout(run: Path) -> Layout:
     """The folders of the run at `run` (any of the layouts above; missing parts are simply absent)."""
     run = Path(run)
-    if legacy(run):
-        iterations = {k + 1: f for k, f in _numbered(run, "iter-").items()}
-        evals = _numbered(run / "eval", "iter-")
-    else:
-        iterations, evals = _numbered(run, "iter-"), _numbered(run / "eval", "policy-")
+    offset = 1 if legacy(run) else 0  # older runs: RUN/iter-0 trained policy 1
+    iterations = {k + offset: f for k, f in _numbered(run, "iter-").items()}
+    evals = _numbered(run / "eval", "policy-") or _numbered(run / "eval", "iter-")
     if not iterations and any(read_manifest(run / s) for s in ("policy", "batches", "weighted", "data")):
         return Layout(run, {1: run}, {1: run / "policy"} if read_manifest(run / "policy") else {}, evals, True)
     policies = {k: f / "policy" for k, f in iterations.items() if read_manifest(f / "policy")}
+    policies.update({k: f for k, f in _numbered(run, "policy-").items() if k > 0 and read_manifest(f)})
     return Layout(run, dict(sorted(iterations.items())), dict(sorted(policies.items())), dict(sorted(evals.items())))
