@@ -48,9 +48,15 @@ def adopt_stdio(fds: list[int], streams: dict) -> None:
 
 
 def reset_signals() -> None:
+    """A fresh process's handlers (the signals the server blocked around the fork stay blocked until the
+    stage starts: `unblock_signals`)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+
+
+def unblock_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def adopt_environment(msg: dict) -> None:
@@ -91,6 +97,7 @@ def run_stage(argv: list[str]) -> int:
     from alignpipe.cli import app
 
     try:
+        unblock_signals()  # a Ctrl-C that came during the set-up arrives here, inside the command
         app(args=list(argv[1:]), prog_name="alignpipe")
         return 0
     except SystemExit as e:
@@ -98,6 +105,9 @@ def run_stage(argv: list[str]) -> int:
             return e.code or 0
         print(e.code, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside the command's own handling: as a shell reports it
+        traceback.print_exc()
+        return 130
     except BaseException:  # noqa: BLE001 -- as the interpreter reports an uncaught exception
         traceback.print_exc()
         return 1
@@ -126,6 +136,7 @@ def run(msg: dict, fds: list[int], *, parent: int, report_fd: int, close: list[i
     """Never returns: runs the command of `msg` in this freshly forked child and exits with its code."""
     code = 1
     try:
+        reset_signals()
         die_with_parent(parent)
         for fd in close:
             try:
@@ -133,7 +144,6 @@ def run(msg: dict, fds: list[int], *, parent: int, report_fd: int, close: list[i
             except OSError:
                 pass
         adopt_stdio(fds, msg["streams"])
-        reset_signals()
         adopt_environment(msg)
         reset_numerics(msg["env"], fresh)
         from alignpipe.data import manifest

@@ -180,12 +180,16 @@ class Server:
         read_fd, write_fd = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
+        server = os.getpid()
+        # signals wait until the child has its own handlers (the server's would stop the server from the child)
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         pid = os.fork()
         if pid == 0:
             from alignpipe.worker import child
 
-            child.run(msg, fds, parent=os.getppid(), report_fd=write_fd, close=self.server_fds() + [read_fd, conn.fileno()],
-                      cache=self.cache, fresh=self.fresh, info={"pid": os.getppid(), "socket": str(self.path)})
+            child.run(msg, fds, parent=server, report_fd=write_fd, close=self.server_fds() + [read_fd, conn.fileno()],
+                      cache=self.cache, fresh=self.fresh, info={"pid": server, "socket": str(self.path)})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         os.close(write_fd)
         for fd in fds:
             os.close(fd)
