@@ -92,8 +92,8 @@ def answers(evals: dict[int, Path], n: int = 8, seed: int = 0, max_chars: int = 
                                                         "response1_label") if c in scores.column_names]):
                 rewards[(r["prompt_id"], r.get("response1_sample_index") or 0)] = (r.get("response1_reward"),
                                                                                    r.get("response1_label"))
-        verdicts = {}
-        versus = None if _verifier(folder) else _load(folder / "versus-0")  # a 0/1 verdict: right or wrong
+        verdicts, verifier = {}, _verifier(folder)
+        versus = None if verifier else _load(folder / "versus-0")  # a 0/1 verdict: right or wrong
         if versus is not None:
             verdicts = dict(zip(versus["prompt_id"], versus["preference"]))
         rows = {}
@@ -102,7 +102,7 @@ def answers(evals: dict[int, Path], n: int = 8, seed: int = 0, max_chars: int = 
             if r["sample_index"] == 0:
                 reward, label = rewards.get((r["prompt_id"], 0), (None, None))
                 resp = r["response"] or ""
-                rows[r["prompt_id"]] = {"prompt": r["prompt"], "response": resp[:max_chars], "verifier": _verifier(folder),
+                rows[r["prompt_id"]] = {"prompt": r["prompt"], "response": resp[:max_chars], "verifier": verifier,
                                         "cut": len(resp) > max_chars, "tokens": r["num_tokens"],
                                         "finish": r["finish_reason"], "reward": reward, "label": label,
                                         "p_vs_0": verdicts.get(f"{r['prompt_id']}#0")}
