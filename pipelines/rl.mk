@@ -54,6 +54,7 @@
 #   ALGO             grpo (default: advantages from each group's rewards, ADVANTAGE) | ppo: a critic beside the
 #                    policy, GAE advantages per token (--advantage gae), policy loss LOSS (default ppo) and the
 #                    critic trained on the same batches each iteration (--loss VALUE_LOSS) -> critic K
+#                    (continuing critic K-1's optimiser under CONTINUE=1, as the policy's)
 #   CRITIC           ppo: critic 0, a reward model folder or a causal LM (a new zero value head; default MODEL)
 #   GAMMA, LAM       ppo: GAE's discount and lambda (1.0, 0.95)
 #   VALUE_LOSS, CRITIC_LR, CRITIC_OPTS  ppo: the critic's loss (value,clip=0.2), learning rate, other train flags
@@ -129,6 +130,7 @@ critic = $(if $(filter 0,$(1)),$(CRITIC),$(RUN)/iter-$(1)/critic)
 critic_dep = $(if $(filter ppo,$(ALGO)),$(if $(filter 0,$(1)),,$(RUN)/iter-$(1)/critic/manifest.json))
 advantage = $(if $(filter ppo,$(ALGO)),--advantage 'gae$(comma)gamma=$(GAMMA)$(comma)lam=$(LAM)$(comma)critic=$(call critic,$(1))',$(call opt,--advantage,ADVANTAGE))
 LAST_CRITIC := $(if $(filter ppo,$(ALGO)),$(RUN)/iter-$(ITERS)/critic/manifest.json)
+critic_continue = $(if $(and $(filter 1,$(CONTINUE)),$(filter-out 0,$(1))),--continue-from $(call critic,$(1)))
 POLICY_LIST := $(shell seq 0 $(ITERS))
 
 .PHONY: run demo demo-tiny report
@@ -162,8 +164,8 @@ $(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(
 	  $(call opt,--schedule-steps,SCHEDULE_STEPS) --max-staleness $(OFF_POLICY) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)
 $(RUN)/iter-$(1)/critic/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call critic_dep,$(call prev,$(1)))
 	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call critic,$(call prev,$(1))) --loss '$(VALUE_LOSS)' \
-	  --lr $(CRITIC_LR) --scheduler constant --epochs $(EPOCHS) --seed $(SEED) $(CRITIC_OPTS) \
-	  --out $(RUN)/iter-$(1)/critic
+	  --lr $(CRITIC_LR) --scheduler constant --schedule-steps $(SCHEDULE_STEPS) --epochs $(EPOCHS) --seed $(SEED) \
+	  $(call critic_continue,$(call prev,$(1))) $(CRITIC_OPTS) --out $(RUN)/iter-$(1)/critic
 endef
 
 define EVALUATION

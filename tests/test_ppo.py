@@ -322,5 +322,29 @@ def test_rl_recipe_algo_ppo_trains_the_critic_beside_the_policy(tmp_path):
     assert f"critic={run}/iter-{a}/critic'" in command("build-batches", f"iter-{b}/batches")
     assert "--policy M --loss 'value,clip=0.2'" in command("train", f"iter-{a}/critic")
     assert f"--policy {run}/iter-{a}/critic --loss 'value,clip=0.2'" in command("train", f"iter-{b}/critic")
+    assert f"--continue-from {run}/iter-{a}/critic" in command("train", f"iter-{b}/critic")  # CONTINUE=1
     assert "--loss 'ppo'" in command("train", f"iter-{b}/policy")
     assert lines.index(command("train", f"iter-{a}/critic")) < lines.index(command("build-batches", f"iter-{b}/batches"))
+
+
+def test_a_critic_is_not_where_the_batches_answers_came_from(tmp_path):
+    """--max-staleness reads the lag of the answers from the manifests upstream of the batches; the critic the
+    batches name (trained on the previous iteration's answers) is a model, not a source of rows."""
+    from alignpipe.training import staleness
+
+    def folder(name, stage, fp, *inputs):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({
+            "stage": stage, "fingerprint": fp, "num_rows": 4,
+            "inputs": [{"path": str(tmp_path / i), "fingerprint": f"fp-{i}"} for i in inputs]}))
+
+    folder("p0", "import", "fp-p0")
+    folder("gen1", "generate", "g1", "prompts", "p0")
+    folder("ann1", "annotate", "a1", "gen1")
+    folder("bat1", "build-batches", "b1", "ann1", "p0")
+    folder("p1", "train", "fp-p1", "bat1", "p0")
+    folder("critic1", "train", "fp-critic1", "bat1", "p0")
+    folder("gen2", "generate", "g2", "prompts", "p1")
+    folder("ann2", "annotate", "a2", "gen2")
+    folder("bat2", "build-batches", "b2", "ann2", "p0", "critic1")
+    assert [m["fingerprint"] for m in staleness.generate_ancestors(tmp_path / "bat2")] == ["g2"]

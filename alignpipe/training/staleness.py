@@ -35,6 +35,8 @@ def generate_ancestors(path: Path) -> list[dict]:
         if m.get("stage") == "generate":
             found.append(m)
             continue
+        if m.get("stage") == "train" and p != Path(path):
+            continue  # a model the rows were computed with (PPO's critic), not data they came from
         todo += [Path(i["path"]) for i in m.get("inputs", []) if i.get("path")]
     return found
 
