@@ -54,7 +54,9 @@
 #   ALGO             grpo (default: advantages from each group's rewards, ADVANTAGE) | ppo: a critic beside the
 #                    policy, GAE advantages per token (--advantage gae), policy loss LOSS (default ppo) and the
 #                    critic trained on the same batches each iteration (--loss VALUE_LOSS) -> critic K
-#                    (continuing critic K-1's optimiser under CONTINUE=1, as the policy's)
+#                    (continuing critic K-1's optimiser under CONTINUE=1, as the policy's). A full critic folder
+#                    holds its weights and AdamW state: about 1.6 GB per iteration for SmolLM2-135M in float32;
+#                    CRITIC_OPTS='--lora-r 16 --merge' keeps only merged weights (and starts each optimiser afresh)
 #   CRITIC           ppo: critic 0, a reward model folder or a causal LM (a new zero value head; default MODEL)
 #   GAMMA, LAM       ppo: GAE's discount and lambda (1.0, 0.95)
 #   VALUE_LOSS, CRITIC_LR, CRITIC_OPTS  ppo: the critic's loss (value,clip=0.2), learning rate, other train flags
@@ -130,7 +132,7 @@ critic = $(if $(filter 0,$(1)),$(CRITIC),$(RUN)/iter-$(1)/critic)
 critic_dep = $(if $(filter ppo,$(ALGO)),$(if $(filter 0,$(1)),,$(RUN)/iter-$(1)/critic/manifest.json))
 advantage = $(if $(filter ppo,$(ALGO)),--advantage 'gae$(comma)gamma=$(GAMMA)$(comma)lam=$(LAM)$(comma)critic=$(call critic,$(1))',$(call opt,--advantage,ADVANTAGE))
 LAST_CRITIC := $(if $(filter ppo,$(ALGO)),$(RUN)/iter-$(ITERS)/critic/manifest.json)
-critic_continue = $(if $(and $(filter 1,$(CONTINUE)),$(filter-out 0,$(1))),--continue-from $(call critic,$(1)))
+critic_continue = $(if $(and $(filter 1,$(CONTINUE)),$(filter-out 0,$(1)),$(if $(findstring --merge,$(CRITIC_OPTS)),,y)),--continue-from $(call critic,$(1)))
 POLICY_LIST := $(shell seq 0 $(ITERS))
 
 .PHONY: run demo demo-tiny report
