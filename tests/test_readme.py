@@ -82,12 +82,12 @@ def test_bash_blocks_run_as_written(scratch):
     commit = (Path(env["HF_HUB_CACHE"]) / f"models--{SMOLLM2.replace('/', '--')}" / "refs" / "main").read_text()
     assert hub.snapshot_info(next((Path(env["HF_HUB_CACHE"])).rglob(commit))) == (SMOLLM2, commit)
     for k in (1, 2):
-        assert (work / f"runs/my/policy-{k}/manifest.json").is_file()
-        assert (work / f"runs/rl/policy-{k}/manifest.json").is_file()
+        assert (work / f"runs/my/iter-{k}/policy/manifest.json").is_file()
+        assert (work / f"runs/rl/iter-{k}/policy/manifest.json").is_file()
     assert (work / "runs/rl/eval/2-vs-0/manifest.json").is_file()
     from alignpipe.data.io import read_input
 
-    gens, _ = read_input(work / "runs/my/iter-0/generations", "generations", stage="test")
+    gens, _ = read_input(work / "runs/my/iter-1/generations", "generations", stage="test")
     assert set(gens["policy"]) == {SMOLLM2} and set(gens["policy_fingerprint"]) == {commit}
-    manifest = json.loads((work / "runs/my/iter-0/batches/manifest.json").read_text())
+    manifest = json.loads((work / "runs/my/iter-1/batches/manifest.json").read_text())
     assert manifest["config"]["reference"] == SMOLLM2
