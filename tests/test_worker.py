@@ -92,6 +92,9 @@ def chain(models: dict, n_prompts: int = 6) -> list[tuple[str, list]]:
         ("bb", ["build-batches", "rw", "--task", "pairwise", "--tokenizer", lm, "--reference", lm, "--batch-size", 2,
                 "--device", "cpu", "--out", "bb"]),
         ("pol", ["train", "bb", "--policy", lm, "--loss", "dpo", "--lr", "1e-3", "--device", "cpu", "--out", "pol"]),
+        # policy and reference from one folder: one model from the cache, the other its deep copy
+        ("ref", ["train", "bb", "--policy", lm, "--reference", lm, "--loss", "dpo", "--lr", "1e-3", "--device", "cpu",
+                 "--out", "ref"]),
     ]
 
 
@@ -135,11 +138,14 @@ def test_every_stage_gives_the_same_rows_and_manifests_with_and_without_the_work
         assert m["worker"]["socket"] == str(worker) and "worker" not in ref, name
         hits += [r for r in m["worker"]["models"] if r["hit"]]
         assert without_timings(m) == without_timings(ref), name
-        if name != "pol":
+        if name not in ("pol", "ref"):
             assert row_hashes(run / name) == row_hashes(local / name), name
-    for f in (local / "pol").glob("*.safetensors"):
-        assert (run / "pol" / f.name).read_bytes() == f.read_bytes()
-    assert metrics(run / "pol") == metrics(local / "pol")
+    for policy in ("pol", "ref"):
+        for f in (local / policy).glob("*.safetensors"):
+            assert (run / policy / f.name).read_bytes() == f.read_bytes(), policy
+        assert metrics(run / policy) == metrics(local / policy), policy
+    same = [r["hit"] for r in manifest(run / "ref")["worker"]["models"] if Path(r["folder"]) == models["lm"].resolve()]
+    assert same == [True, True]  # two models of one folder in one command: the cached one and a copy
     # the policy loaded by generate is the one that reweight, build-batches (reference) and train reuse
     assert {Path(r["folder"]) for r in hits} >= {models["lm"].resolve(), models["rm"].resolve()}
 
