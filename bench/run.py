@@ -32,7 +32,8 @@ SCRIPTS = {  # name -> (script, in --quick)
     "annotate": ("bench_annotate.py", False),
     "generate": ("bench_generate.py", False),
     "grpo": ("bench_grpo.py", False),  # two SmolLM2 processes, 3-6 minutes
-    "continuity": ("bench_continuity.py", False),  # TRL 3 GRPO steps vs 3 continued trains, SmolLM2, 3-6 minutes
+    "continuity": ("bench_continuity.py", False),
+    "rl-loop": ("bench_rl_loop.py", False),  # 3 RL iterations: stages sequential / OFF_POLICY=1 vs GRPOTrainer  # TRL 3 GRPO steps vs 3 continued trains, SmolLM2, 3-6 minutes
 }
 
 
@@ -69,6 +70,10 @@ def row(r: dict) -> tuple[str, str, str, str]:
         p = r["prompts/s"]
         return case, (f"prompts/s {_s(p['alignpipe'], 3)} vs {_s(p['trl'], 3)}; loss diff {r['loss_diff']:.1e}, "
                       f"grad-norm rel diff {r['grad_norm_rel_diff']:.1e}"), ratio, r.get("target", "")
+    if b == "rl_loop":
+        p = r["prompts/s"]
+        return case, (f"prompts/s {_s(p['alignpipe'], 3)} vs {_s(p['trl'], 3)}; vs sequential "
+                      f"{_s(r['vs_sequential'])}"), _s(r["ratio"]), r["target"]
     if b == "continuity":
         verdict = "VALID" if r["valid"] else "VOID (a step's loss, gradient norm or the final LoRA differs)"
         return case, (f"{r['steps']} steps: max loss diff {max(r['loss_abs_diff']):.1e}, grad-norm rel diff "
