@@ -19,6 +19,12 @@ Progress: `.POLICY.partial/metrics.jsonl` (and `tb/` TensorBoard events) grow st
 resumes from the newest checkpoint and continues exactly (`--resume` insists that one exists). The output
 folder appears whole at the end with its manifest, `metrics.jsonl` and `tb/`.
 
+One run across iterations: the output keeps the optimiser of its last step in `POLICY/trainer_state/` (AdamW
+moments, schedule position, RNG; not part of the model, left out of fingerprints and of `--merge` outputs);
+`--continue-from PREV` starts from it (the weights still come from `--policy`), so K trains over B1..BK are one
+train over B1..BK (alignpipe.training.continuation). `--schedule-steps N`: the schedule over the whole run.
+`--max-staleness N` refuses answers sampled more than N policies before `--policy` (alignpipe.training.staleness).
+
 Exit codes: 0 done / up to date; 2 bad input; 1 a non-finite loss or gradient (the run stops, the last good
 checkpoint stays) or an internal error. Several processes: run the same command under
 `torchrun --nproc_per_node N` or `accelerate launch --config_file pipelines/accelerate/ddp.yaml`.
