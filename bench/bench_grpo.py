@@ -10,6 +10,8 @@ mean, then the mean; clip 0.2, no KL: TRL's loss_type "grpo", beta 0).
     alignpipe  import -> generate --num-samples G -> annotate exact-answer -> build-batches --task group
                -> train --loss grpo, four processes, each loading what it needs (the stage design)
     trl        GRPOTrainer(...).train() for one step in one process (generation, reward, loss, step)
+    worker     the alignpipe commands, run by a resident worker (`alignpipe worker start` once per case, its
+               start-up reported apart as worker_start_s; imports paid there, models kept across repeats)
 
 Measure: prompts per second of wall time of the whole iteration (the TRL side from its constructor on, model
 loading excluded on both sides' first command is NOT possible for the stages, so both include loading:
@@ -33,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,8 +67,9 @@ def train_prompts(n: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------- alignpipe
 def run_alignpipe(a) -> dict:
-    """The four stage commands of one iteration, each a fresh process (as pipelines/rl.mk runs them)."""
-    import subprocess
+    """The four stage commands of one iteration, each a fresh process (as pipelines/rl.mk runs them); with
+    `--socket` (the `worker` side) the same commands, run by that resident worker."""
+    env = {**os.environ, **({"ALIGNPIPE_WORKER": a.socket} if a.socket else {})}
 
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     src = work / "prompts.jsonl"
@@ -85,7 +90,7 @@ def run_alignpipe(a) -> dict:
     start, seconds = time.perf_counter(), {}
     for args in steps:
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "alignpipe", *map(str, args)], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "alignpipe", *map(str, args)], check=True, capture_output=True, env=env)
         seconds[args[0]] = round(time.perf_counter() - t, 2)
     total = time.perf_counter() - start - seconds["import"]
     return {"seconds": total, "stages": seconds, "prompts/s": a.prompts / total}
@@ -183,7 +188,7 @@ def run_trl(a) -> dict:
 def worker_main(a) -> None:
     common.set_threads(a.threads)
     common.quiet()
-    out = run_alignpipe(a) if a.side == "alignpipe" else run_trl(a)
+    out = run_alignpipe(a) if a.side in ("alignpipe", "worker") else run_trl(a)
     print(json.dumps({**out, "peak_rss_mb": common.peak_rss_mb()}), flush=True)
 
 
@@ -207,15 +212,30 @@ def measure(name: str, case: dict, threads: int, repeats: int) -> dict:
     model = str(common.smollm2())
     args = ["--model", model, "--prompts", str(case["prompts"]), "--group", str(case["group"]),
             "--max-new-tokens", str(case["max_new_tokens"])]
-    runs = common.alternate({side: (lambda side=side: common.worker("bench_grpo.py", ["--side", side, *args], threads))
-                             for side in ("alignpipe", "trl")}, repeats)
+    sock = Path(tempfile.mkdtemp(prefix="bench-w-")) / "w" / "sock"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(common.ROOT)}
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "alignpipe", "worker", "start", "--socket", str(sock)], check=True,
+                   capture_output=True, env=env)
+    worker_start = time.perf_counter() - t
+    extra = {"alignpipe": [], "trl": [], "worker": ["--socket", str(sock)]}
+    try:
+        runs = common.alternate({side: (lambda side=side: common.worker("bench_grpo.py", ["--side", side, *args,
+                                                                                          *extra[side]], threads))
+                                 for side in ("alignpipe", "trl", "worker")}, repeats)
+    finally:
+        subprocess.run([sys.executable, "-m", "alignpipe", "worker", "stop", "--socket", str(sock)], check=False,
+                       capture_output=True, env=env)
     ours = [r["prompts/s"] for r in runs["alignpipe"]]
+    warm = [r["prompts/s"] for r in runs["worker"]]
     theirs = [r["prompts/s"] for r in runs["trl"]]
     first = runs["trl"][0]
     grad_diff = abs(first["grad_norm_alignpipe"] - first["grad_norm_trl"]) / max(first["grad_norm_trl"], 1e-12)
     valid = first.get("loss_diff", 1.0) <= 1e-5 and grad_diff <= 1e-3
-    return {"case": name, "prompts/s": {"alignpipe": common.spread(ours), "trl": common.spread(theirs)},
-            "ratio": common.ratios(ours, theirs), "valid": valid, "loss_trl": first.get("loss_trl"),
+    return {"case": name, "prompts/s": {"alignpipe": common.spread(ours), "trl": common.spread(theirs),
+                                        "alignpipe_worker": common.spread(warm)},
+            "ratio": common.ratios(ours, theirs), "ratio_worker": common.ratios(warm, theirs),
+            "worker_start_s": round(worker_start, 2), "worker_stages_s": runs["worker"][-1]["stages"], "valid": valid, "loss_trl": first.get("loss_trl"),
             "loss_alignpipe": first.get("loss_alignpipe"), "loss_diff": first.get("loss_diff"),
             "grad_norm_trl": first["grad_norm_trl"], "grad_norm_alignpipe": first["grad_norm_alignpipe"],
             "grad_norm_rel_diff": grad_diff,
@@ -229,7 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--worker", action="store_true")
-    p.add_argument("--side", choices=("alignpipe", "trl"))
+    p.add_argument("--side", choices=("alignpipe", "trl", "worker"))
+    p.add_argument("--socket", help="the worker side: a running `alignpipe worker`'s socket")
     p.add_argument("--model")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=8)
