@@ -8,6 +8,8 @@ runs them) against TRL's GRPOTrainer over the same prompts, group size and optim
       sequential   the four commands of iteration k after those of k-1, OMP threads = --threads
       off-policy-1 iteration k samples with policy k-2 (OFF_POLICY=1): its generate, annotate and
                    build-batches run beside iteration k-1's train, one thread each (OMP 1 + 1)
+      worker       as sequential, the commands run by a resident worker (`alignpipe worker start` once,
+                   before the repeats; its start-up reported apart as worker_start_s)
     trl        GRPOTrainer(...).train() for ITERS steps in one process (one generation batch a step)
 
 Both sides: SmolLM2-135M-Instruct, a new LoRA adapter r 16 on every linear layer, max new tokens 16,
@@ -86,9 +88,13 @@ class Loop:
         self.seconds[name] = round(time.perf_counter() - t, 2)
 
 
+SOCKET: list[str] = []  # the worker side: the resident worker's socket
+
+
 def _env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "PYTHONPATH": str(common.ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": str(common.ROOT)}
+    return {**env, "ALIGNPIPE_WORKER": SOCKET[0]} if SOCKET else env
 
 
 def run_alignpipe(a) -> dict:
@@ -98,7 +104,8 @@ def run_alignpipe(a) -> dict:
     subprocess.run(_cmd("import", src, "--out", work / "prompts"), check=True, capture_output=True)
     loop = Loop(work, a.model, a.prompts, a.group, a.max_new_tokens, a.iters)
     start = time.perf_counter()
-    if a.mode == "sequential":
+    if a.mode in ("sequential", "worker"):
+        SOCKET[:] = [a.socket] if a.mode == "worker" else []
         for k in range(1, a.iters + 1):
             loop.prepare(k, k - 1, a.threads)
             loop.run(f"train-{k}", loop.train_cmd(k), a.threads)
@@ -154,18 +161,30 @@ def measure(quick: bool, threads: int, repeats: int) -> list[dict]:
     args = ["--model", str(common.smollm2()), "--prompts", str(prompts), "--group", str(group),
             "--max-new-tokens", str(tokens), "--iters", str(iters)]
     common.WORK.mkdir(parents=True, exist_ok=True)
-    sides = {mode: (lambda mode=mode: common.worker("bench_rl_loop.py", ["--side", mode, *args], threads))
-             for mode in ("sequential", "off-policy-1", "trl")}
-    runs = common.alternate(sides, repeats)
+    sock = Path(tempfile.mkdtemp(prefix="bench-w-")) / "w" / "sock"
+    worker_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                  "PYTHONPATH": str(common.ROOT)}
+    t = time.perf_counter()
+    subprocess.run(_cmd("worker", "start", "--socket", sock), check=True, capture_output=True, env=worker_env)
+    worker_start = round(time.perf_counter() - t, 2)
+    extra = {"worker": ["--socket", str(sock)]}
+    sides = {mode: (lambda mode=mode: common.worker("bench_rl_loop.py", ["--side", mode, *args,
+                                                                         *extra.get(mode, [])], threads))
+             for mode in ("sequential", "off-policy-1", "trl", "worker")}
+    try:
+        runs = common.alternate(sides, repeats)
+    finally:
+        subprocess.run(_cmd("worker", "stop", "--socket", sock), check=False, capture_output=True, env=worker_env)
     rate = {m: [r["prompts/s"] for r in runs[m]] for m in runs}
     out = []
-    for mode in ("sequential", "off-policy-1"):
+    for mode in ("sequential", "off-policy-1", "worker"):
         out.append({"case": f"smollm2-lora-grpo-{iters}-iterations-{mode}",
                     "prompts/s": {"alignpipe": common.spread(rate[mode]), "trl": common.spread(rate["trl"])},
                     "ratio": common.ratios(rate[mode], rate["trl"]), "stages_s": runs[mode][-1]["stages"],
                     "vs_sequential": common.ratios(rate[mode], rate["sequential"]),
                     "answers_per_iteration": prompts * group, "iterations": iters,
-                    "target": ">= 1.5x TRL with OFF_POLICY=1, >= 1.0x sequential", "load": common.load_average()})
+                    "target": ">= 1.5x TRL with OFF_POLICY=1, >= 1.0x sequential", "load": common.load_average(),
+                    **({"worker_start_s": worker_start} if mode == "worker" else {})})
     return out
 
 
@@ -175,7 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--worker", action="store_true")
-    p.add_argument("--side", choices=("sequential", "off-policy-1", "trl"))
+    p.add_argument("--side", choices=("sequential", "off-policy-1", "trl", "worker"))
+    p.add_argument("--socket", help="the worker side: a running `alignpipe worker`'s socket")
     p.add_argument("--mode")
     p.add_argument("--model")
     p.add_argument("--prompts", type=int, default=4)
