@@ -14,7 +14,7 @@ they are computed as `train` computes the policy's for the same `--dtype` (bfloa
 weights), batch by stored batch, so with policy = reference the first DPO loss is exactly log 2. How they
 were computed is recorded in the manifest (`reference_numerics`); train notes any difference from its own.
 `--task group --advantage gae,critic=CRITIC` (PPO) stores the critic's per-token values, GAE returns and
-per-token advantages (`alignpipe.batches.critic`), the values computed in the same resumable shards.
+per-token advantages (`alignpipe.batches.gae`), the values computed in the same resumable shards.
 
 Bad input: an empty prompt, a NaN/negative weight, a non-finite reward, a preference outside [0, 1],
 mismatched pair ids and a task that needs rewards on data without them are errors naming the row and column;
@@ -320,7 +320,7 @@ def run(inputs: list[Path], out: Path, *, task: str, opts: BatchOptions, tokeniz
             ds = map_shards(so, ds, lambda part, index: _chain(passes, part, index), shard_size,
                             " + ".join((["reference log-probs"] if reference else []) + (["critic values"] if critic else [])))
         if critic is not None:
-            from alignpipe.batches.critic import apply_gae
+            from alignpipe.batches.gae import apply_gae
 
             ds, so.report["gae"] = apply_gae(ds, ADVANTAGES.parse(opts.advantage))
         so.finish(ds)
@@ -340,8 +340,8 @@ def _critic(advantage: str, kind: str) -> Path | None:
 
 
 def _critic_pass(ds, critic: Path, pad_id: int, dtype: str, device: str):
-    """The per-shard pass of the critic: `response1_values` (alignpipe.batches.critic.value_shard)."""
-    from alignpipe.batches.critic import value_shard
+    """The per-shard pass of the critic: `response1_values` (alignpipe.batches.gae.value_shard)."""
+    from alignpipe.batches.gae import value_shard
     from alignpipe.models.values import load_value_model
 
     weights = "float32" if dtype == "bfloat16" else dtype

@@ -184,7 +184,7 @@ def _pointwise_inputs(fields):
 def loss_inputs(name, fields):
     """LossInputs, or TokenInputs for the group task, from rand_fields-style fields."""
     from alignpipe.training.policy_gradient import TokenInputs
-    from alignpipe.training.value import ValueInputs
+    from alignpipe.training.value_loss import ValueInputs
 
     if LOSSES[name].meta.get("model") == "value":  # PPO's critic: tok_logp stands for its values V
         v = fields["tok_logp"]

@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import cli, ok, rows_of
 
-from alignpipe.batches.critic import explained_variance, gae, gae_estimator, whiten
+from alignpipe.batches.gae import explained_variance, gae, gae_estimator, whiten
 from alignpipe.training.losses import LOSSES, PG_LOSSES, compute_loss
 from alignpipe.training.policy_gradient import TokenInputs
-from alignpipe.training.value import ValueInputs
+from alignpipe.training.value_loss import ValueInputs
 
 ROOT = Path(__file__).resolve().parents[1]
 

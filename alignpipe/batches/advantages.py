@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from alignpipe.batches import critic
+from alignpipe.batches import gae as gae_pass
 from alignpipe.core.registry import ESTIMATORS as REGISTRY_ESTIMATORS
 from alignpipe.core.registry import REQUIRED, Param
 
@@ -96,8 +96,8 @@ ADVANTAGES.add("reinforce++-baseline", reinforce_pp_baseline, docs={"eps": "adde
                ranges={"eps": ">0"})
 ESTIMATORS: dict[str, Callable[..., Groups]] = {name: ADVANTAGES[name].fn for name in ADVANTAGES}
 # per-token advantages from a critic's values (PPO): not a function of group rewards; computed by build-batches
-# after tokenising (alignpipe.batches.critic), so not in ESTIMATORS
-ADVANTAGES.add("gae", critic.gae_estimator, per_token=True,
+# after tokenising (alignpipe.batches.gae), so not in ESTIMATORS
+ADVANTAGES.add("gae", gae_pass.gae_estimator, per_token=True,
                doc="GAE (Schulman et al. 2016, arXiv 1506.02438) per token from a critic's values, the reward at "
                    "the answer's last token (PPO); advantages whitened over the batch",
                params={"critic": Param(REQUIRED, str, "the critic: a sequence-classification folder (reward model "

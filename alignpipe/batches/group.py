@@ -10,7 +10,7 @@ prompt_id and iteration). Each example carries what a token-level policy-gradien
     response1_advantage           the estimator's advantage (`alignpipe.batches.advantages`, from the group)
     response1_weight              the per-answer training weight (reweight; 1 without)
     response1_values, _returns,   --advantage gae (PPO): the critic's per-token values, GAE returns and
-    response1_token_advantages    per-token advantages, filled after tokenising (`alignpipe.batches.critic`)
+    response1_token_advantages    per-token advantages, filled after tokenising (`alignpipe.batches.gae`)
 
 Answers without a reward (an abstaining annotator) are dropped and counted (`unscored`); groups whose rewards
 are all equal are dropped and counted (`equal_groups`, DAPO's dynamic sampling) or kept with

@@ -305,7 +305,7 @@ def group_examples(rows: list[dict], where: str, opts: TaskOptions, counts: Coun
     from alignpipe.batches import advantages, group
 
     if advantages.ADVANTAGES.parse(opts.advantage).component.meta.get("per_token"):
-        # gae: per-token advantages from a critic after tokenising (alignpipe.batches.critic); a critic's baseline
+        # gae: per-token advantages from a critic after tokenising (alignpipe.batches.gae); a critic's baseline
         # makes every answer informative, so groups of equal rewards are kept (still counted)
         return group.group_examples(rows, where, lambda groups: [[0.0] * len(g) for g in groups], "keep", counts)
     return group.group_examples(rows, where, advantages.estimator(opts.advantage), opts.equal_groups, counts)

@@ -275,7 +275,7 @@ def accumulate_gradients(run: Run, step) -> tuple[list[str], object]:
     import torch
 
     from alignpipe.training.losses import compute_loss, is_value_loss
-    from alignpipe.training.value import value_inputs
+    from alignpipe.training.value_loss import value_inputs
 
     denominator = run.normalization.denominator(step.weight)
     scale = run.dist.world / denominator if denominator > 0 else 0.0
@@ -283,7 +283,7 @@ def accumulate_gradients(run: Run, step) -> tuple[list[str], object]:
     for i, batch in enumerate(step.micro):
         share = batch.weight_sum / step.weight if step.weight > 0 else 0.0
         with no_sync(run, sync=i == len(step.micro) - 1):
-            if batch.group is not None and is_value_loss(run.loss):  # PPO's critic (alignpipe.training.value)
+            if batch.group is not None and is_value_loss(run.loss):  # PPO's critic (alignpipe.training.value_loss)
                 x = value_inputs(run, batch)
             elif batch.group is not None:  # token-level policy-gradient losses (alignpipe.training.policy_gradient)
                 x = token_inputs(run, batch)

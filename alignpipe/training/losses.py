@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from alignpipe.core.lazy import F, torch
 from alignpipe.core.registry import Registry
 from alignpipe.training import policy_gradient as pg
-from alignpipe.training import value as vl
+from alignpipe.training import value_loss as vl
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -336,7 +336,7 @@ LOSSES.add("ppo", pg.ppo_loss, task="group", needs_reference=False, monotone_in_
            paper="Schulman et al. 2017, PPO (arXiv 1707.06347), per-token GAE advantages (build-batches --advantage gae)",
            docs={**_PG, "mean_tokens": "mean answer length of the normaliser (0: train sets the dataset's)"},
            ranges={"eps_low": "[0,1]", "eps_high": ">=0", "kl_coef": ">=0", "mean_tokens": ">=0"})
-# the critic of PPO (alignpipe.training.value): trains a value model (model='value') on the group batches' returns
+# the critic of PPO (alignpipe.training.value_loss): trains a value model (model='value') on the group batches' returns
 LOSSES.add("value", vl.value_loss, task="group", model="value", needs_reference=False, monotone_in_logp1=False,
            paper="PPO's clipped value loss (OpenAI baselines ppo2; TRL cliprange_value, OpenRLHF value_clip)",
            docs={"clip": "value clipping c: V kept within V_old +- c in the max of the two squared errors (0: none)",

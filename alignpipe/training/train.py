@@ -195,7 +195,7 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     stale.check(lag, o.max_staleness, batches)
     model_task = spec.component.meta.get("model") or spec.component.task  # 'value': PPO's critic
     if model_task == "value":
-        from alignpipe.training.value import check_batches
+        from alignpipe.training.value_loss import check_batches
 
         check_batches(ds, str(batches))
     lora = lora_options(o, model_task)
