@@ -129,7 +129,10 @@ def conform(ds, kind: str):
     if missing:
         raise RuntimeError(f"internal: stage output lacks columns {missing} of kind {kind}")
     ds = ds.select_columns(names)
-    return ds.cast(schemas.features(kind))
+    if ds.features == schemas.features(kind):
+        return ds
+    # in memory: a cast of rows read from an input would otherwise write a cache-*.arrow file into that input
+    return ds.cast(schemas.features(kind), keep_in_memory=True)
 
 
 def dataset_from_rows(rows: list[dict], features=None, *, fingerprint: str | None = None):
