@@ -319,9 +319,10 @@ def response_token_logps(model, batch: dict, with_entropy: bool = False):
     return to_padded(picked, rows, slots, shape), resp_mask, entropy
 
 
-def reference_token_logps(model, prompts: list, responses: list, pad_id: int, batch_size: int = 16,
-                          device="cpu") -> list[list[float]]:
-    """Per-token log-probs of many (prompt ids, response ids) under `model` (no grad), length-sorted batches."""
+def per_token_over(score, model, prompts: list, responses: list, pad_id: int, batch_size: int = 16,
+                   device="cpu") -> list[list[float]]:
+    """`score(model, batch)[0]`, a (B, R) per-token tensor, for many (prompt ids, response ids) pairs: no grad,
+    length-sorted batches of `collate`, each row cut to its response's length, in the input order."""
     import torch
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
@@ -329,8 +330,14 @@ def reference_token_logps(model, prompts: list, responses: list, pad_id: int, ba
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
             idx = order[s: s + batch_size]
-            batch = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, device)
-            logp, _, _ = response_token_logps(model, batch)
+            per_token = score(model, collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id,
+                                             device))[0]
             for row, i in enumerate(idx):
-                result[i] = logp[row, : len(responses[i])].tolist()
+                result[i] = per_token[row, : len(responses[i])].tolist()
     return result
+
+
+def reference_token_logps(model, prompts: list, responses: list, pad_id: int, batch_size: int = 16,
+                          device="cpu") -> list[list[float]]:
+    """Per-token log-probs of many (prompt ids, response ids) under `model` (no grad), length-sorted batches."""
+    return per_token_over(response_token_logps, model, prompts, responses, pad_id, batch_size, device)

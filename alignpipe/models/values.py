@@ -109,17 +109,6 @@ def token_values(model, batch: dict):
 def critic_values(model, prompts: list, responses: list, pad_id: int, batch_size: int = 16,
                   device="cpu") -> list[list[float]]:
     """Per-token values of many (prompt ids, response ids) under the critic (no grad), length-sorted batches."""
-    import torch
+    from alignpipe.models.logprobs import per_token_over
 
-    from alignpipe.models.logprobs import collate
-
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-    result: list = [None] * len(prompts)
-    with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
-            idx = order[s: s + batch_size]
-            values, _ = token_values(model, collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id,
-                                                    device))
-            for row, i in enumerate(idx):
-                result[i] = values[row, : len(responses[i])].tolist()
-    return result
+    return per_token_over(token_values, model, prompts, responses, pad_id, batch_size, device)
