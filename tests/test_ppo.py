@@ -107,8 +107,7 @@ def test_the_transcription_is_trls_installed_ppo_loop():
     has no PPOTrainer, so the check is skipped with that reason."""
     import importlib.util
 
-    import trl
-
+    trl = pytest.importorskip("trl", reason="TRL is a bench extra (pip install -e '.[bench]'); not in make test")
     spec = None
     for module in ("trl.trainer.ppo_trainer", "trl.experimental.ppo.ppo_trainer"):
         try:
