@@ -161,8 +161,11 @@ $(RUN)/report/report.html: $(EVAL_TARGETS) $(RUN)/iter-$(ITERS)/policy/manifest.
 report:
 	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report
 
+# one run folder per variant: runs/demo (seed 0), runs/demo[-LOSS][-off K][-worker][-seedS] otherwise
+DEMO_VARIANT = $(if $(filter-out dpo,$(LOSS)),-$(LOSS))$(if $(filter-out 0,$(OFF_POLICY)),-off$(OFF_POLICY))$(if \
+  $(filter 1,$(WORKER)),-worker)$(if $(filter-out 0,$(SEED)),-seed$(SEED))
 demo:
-	$(MAKE) -f pipelines/online.mk run NAME=demo ITERS=2 ANNOTATOR=vader
+	$(MAKE) -f pipelines/online.mk run NAME=demo$(DEMO_VARIANT) ITERS=2 ANNOTATOR=vader
 
 TINY := runs/tiny-models
 demo-tiny:
