@@ -118,6 +118,8 @@ def test_rl_recipe_off_policy_1_under_make_j2_is_killed_then_resumed_to_the_same
     last = max(run.glob("iter-*/policy"))  # the second iteration: answers of policy 0, trained from 1
     report = json.loads((last / "manifest.json").read_text())["report"]
     assert list(report["staleness"]) == ["1"] and report["continued_from"]["global_step"] > 0
+    page = (run / "report" / "report.html").read_text()
+    assert "by lag" in page and "<th>lag 1</th>" in page and "<th>lag 0</th>" in page  # iteration 1: policy 0's own
     run.rename(tmp_path / "clean")
     proc = subprocess.Popen(_make("rl", run, tiny_lm_dir), cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -252,6 +252,11 @@ def _iteration_html(title: str, folder: Path, policy: Path | None, eval_folder: 
                  "effective sample size": w["ess"], "ESS / rows": w["ess_fraction"],
                  "strategies": ", ".join(w["strategies"] or [])}
         parts.append(_table([facts], list(facts)))
+    lag = ((read_manifest(policy) or {}).get("report") or {}).get("staleness") if policy is not None else None
+    if lag:
+        parts.append("<p>Answers trained on, by lag (policies between the one that sampled them and the one "
+                     "trained; OFF_POLICY=K gives lag K):</p>" + _table([{f"lag {k}": v for k, v in lag.items()}],
+                                                                      [f"lag {k}" for k in lag]))
     if policy is not None:
         charts += curves(policy)
     if charts:

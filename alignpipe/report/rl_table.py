@@ -5,8 +5,10 @@
 One row per evaluated policy K (0 = the start model): held-out accuracy greedy and over the sampled answers
 (temperature 1), the mean reward of the training answers policy K sampled (for iteration K+1; the same row as
 `train_reward` in summary.md), the mean held-out answer length in tokens, KL(policy K || policy 0) on its
-held-out answers (nats per answer), the equal-reward groups dropped from policy K's training answers, the
-stage seconds of iteration K, which trained policy K (generate, annotate, build-batches, train), and of
+held-out answers (nats per answer), the equal-reward groups dropped from policy K's training answers, the mean
+lag of the answers that trained policy K (0 sequential, K under OFF_POLICY=K from iteration K+1 on), the
+stage seconds of iteration K, which trained policy K (generate, annotate, build-batches, train, and the critic's
+train under ALGO=ppo), and of
 policy K's evaluation.
 """
 from __future__ import annotations
@@ -34,6 +36,13 @@ def _seconds(*paths: Path) -> float:
     return sum(_manifest(p).get("seconds", 0.0) for p in paths)
 
 
+def _lag(policy: Path) -> float | None:
+    """The mean lag of the answers that trained `policy` (policies between sampler and trained; OFF_POLICY)."""
+    lag = _manifest(policy).get("report", {}).get("staleness") or {}
+    known = {int(k): n for k, n in lag.items() if k != "unknown"}
+    return sum(k * n for k, n in known.items()) / sum(known.values()) if known else None
+
+
 def rows(run: Path) -> list[dict]:
     from alignpipe.report.layout import layout
 
@@ -52,7 +61,9 @@ def rows(run: Path) -> list[dict]:
             "answer_tokens": _mean(ev / "generations", "num_tokens"),
             "kl_to_start": _manifest(ev / "versus-0").get("report", {}).get("kl_vs_reference", 0.0 if k == 0 else None),
             "equal_groups_dropped": dropped,
-            "iteration_s": _seconds(*(trained / s for s in ("generations", "annotations", "batches", "policy")))
+            "lag": _lag(trained / "policy") if trained else None,
+            "iteration_s": _seconds(*(trained / s for s in ("generations", "annotations", "batches", "policy",
+                                                                   "critic")))
             if trained else 0.0,
             "eval_s": _seconds(*(ev / s for s in ("generations", "scores", "greedy-generations", "greedy-scores",
                                                   "versus-0"))),
