@@ -207,7 +207,7 @@ def _long_generate(code: Path, folder: Path, lm: Path) -> list:
 
 def _wait_for_shard(folder: Path, out: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
-    while not list((folder / f".{out}.partial").glob("shard-*")):
+    while not list((folder / f".{out}.partial").glob("shard-[0-9][0-9][0-9][0-9][0-9]")):  # whole, not .tmpPID
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
         time.sleep(0.05)
 
