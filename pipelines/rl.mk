@@ -49,6 +49,10 @@
 #                  lag; the per-token ratio to the behaviour policy corrects it. 0 (default): sequential
 #   OVERLAP_THREADSthreads of each stage when OFF_POLICY >= 1 (default 1: two stages side by side on
 #                  2 cores, OMP 1 + 1, not oversubscribed)
+#   PROXIMAL       1 (default with OFF_POLICY >= 1): decoupled PPO (`train --proximal`, AReaL): each token's ratio
+#                  is clipped against the policy being trained as its train starts, and the staleness is
+#                  corrected by the weight sg(min(pi_prox/mu, TIS_CAP)) (TIS_CAP 2, added to LOSS unless it has
+#                  a tis_cap) | 0: the ratio to the sampler mu, clipped (stale tokens outside the clip teach nothing)
 #   SHAPING          more annotator specs added to the training reward (space-separated), e.g.
 #                    SHAPING='overlong,max_tokens=16,cache=4,weight=0.5 format,weight=0.1' (held-out: EVAL_ANNOTATOR)
 #   ALGO             grpo (default: advantages from each group's rewards, ADVANTAGE) | ppo: a critic beside the
@@ -104,9 +108,16 @@ TRAIN_OPTS ?= $(call opt,--lora-r,LORA_R)
 CONTINUE ?= 1
 OFF_POLICY ?= 0
 OVERLAP_THREADS ?= 1
+PROXIMAL ?= 1
+TIS_CAP ?= 2
 ifneq ($(OFF_POLICY),0)
 export OMP_NUM_THREADS := $(OVERLAP_THREADS)
+ifeq ($(PROXIMAL),1)
+TRAIN_LOSS ?= $(LOSS)$(if $(findstring tis_cap,$(LOSS)),,$(comma)tis_cap=$(TIS_CAP))
+PROXIMAL_OPT := --proximal
 endif
+endif
+TRAIN_LOSS ?= $(LOSS)
 SCHEDULE_STEPS ?= $(shell echo $$(($(ITERS)*$(EPOCHS)*(($(PROMPTS_PER_ITER)*$(NUM_SAMPLES)+$(BATCH)-1)/$(BATCH)))))
 GEN_OPTS ?=
 REFERENCE_OPTS ?=
@@ -160,7 +171,7 @@ $(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.js
 	  $(call opt,--equal-groups,EQUAL_GROUPS) --tokenizer $(MODEL) $(call opt,--batch-size,BATCH) --seed $(SEED) \
 	  $(REFERENCE_OPTS) --out $(RUN)/iter-$(1)/batches $(CONFIG_OPT)
 $(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(call prev,$(1)))
-	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(call prev,$(1))) $(call opt,--loss,LOSS) \
+	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(call prev,$(1))) $(call opt,--loss,TRAIN_LOSS LOSS) $(PROXIMAL_OPT) \
 	  $(call opt,--lr,LR) $(call opt,--scheduler,SCHEDULER) $(call opt,--warmup-steps,WARMUP) \
 	  $(call opt,--epochs,EPOCHS) --seed $(SEED) $(call continue,$(call prev,$(1))) \
 	  $(call opt,--schedule-steps,SCHEDULE_STEPS) --max-staleness $(OFF_POLICY) $(TRAIN_OPTS) --out $(RUN)/iter-$(1)/policy $(CONFIG_OPT)

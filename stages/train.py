@@ -77,6 +77,11 @@ def command(
     max_staleness: Annotated[int | None, typer.Option(help="Refuse answers sampled more than N policies before "
                                                            "--policy (overlapped iterations; the lag of each "
                                                            "answer goes in the manifest).")] = None,
+    proximal: Annotated[bool, typer.Option(help="Decoupled PPO (AReaL): clip each token's ratio against the "
+                                                "policy as this train starts, pi_prox (log-probs computed once "
+                                                "before the first step), not the sampler's mu, and weight it by "
+                                                "sg(min(pi_prox/mu, tis_cap)): for stale answers (OFF_POLICY). "
+                                                "A group loss with tis_cap > 0.")] = False,
     grad_accum: Annotated[int, typer.Option(help="Stored batches per optimisation step.")] = 1,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: no clipping).")] = 1.0,
     weight_normalization: Annotated[str, typer.Option(help="dataset: a step's loss is sum w*l / (nominal examples "

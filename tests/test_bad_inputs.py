@@ -531,6 +531,10 @@ CASES = [
     Case("unknown-loss", "--loss that is not in the loss table", "train",
          lambda c: ["train", c.data["batches"], "--policy", c.lm, "--loss", "dpoo", "--out", c.out],
          "error: --loss 'dpoo': unknown loss 'dpoo' (known: …)"),
+    Case("proximal-without-tis", "train --proximal (decoupled PPO) with a loss that has no TIS weight", "train",
+         lambda c: ["train", c.data["batches"], "--policy", c.lm, "--loss", "dpo", "--proximal", "--out", c.out],
+         "error: --proximal: needs a policy-gradient loss with tis_cap > 0 (the weight sg(min(pi_prox/mu, C))), "
+         "e.g. --loss grpo,tis_cap=2; got --loss dpo…"),
     Case("judge-template-without-placeholders", "a pairwise judge template without {response_b}", "annotate",
          lambda c: ["annotate", c.data["generations"], "-a",
                     c.server.spec(template=bad_template(c)), "--out", c.out],

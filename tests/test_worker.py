@@ -388,6 +388,87 @@ def test_memory_bound_evicts_least_recently_used_and_a_changed_fingerprint_is_a_
         ap(code, tmp_path, "worker", "stop", "--socket", sock)
 
 
+def _adapter(lm: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter on `lm` with random (non-zero) weights: two seeds, one config, other answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(lm)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_a_lora_policy_is_swapped_into_the_resident_model_in_place_and_gives_the_same_rows(code, models, tmp_path):
+    """Point 5 of the worker: the sampler stays, a new adapter's weights are loaded into it in place; generate
+    and train (a trainable adapter) give the same rows, weights and metrics as without the worker."""
+    adapters = [_adapter(models["lm"], tmp_path / f"adapter{i}", seed=i) for i in range(3)]
+    sock = tmp_path / "w" / ".worker" / "sock"
+    sock.parent.parent.mkdir()
+    start_worker(code, sock)
+    try:
+        prompts_file(tmp_path, 4)
+        ap(code, tmp_path, "import", "p.jsonl", "--out", "prompts")
+        gen = ["generate", "prompts", "--num-samples", 2, "--max-new-tokens", 8, "--seed", 4, "--device", "cpu"]
+        for i, a in enumerate(adapters):
+            ap(code, tmp_path, *gen, "--policy", a, "--out", f"local{i}")
+            ap(code, tmp_path, *gen, "--policy", a, "--out", f"warm{i}", worker=sock)
+            assert row_hashes(tmp_path / f"warm{i}") == row_hashes(tmp_path / f"local{i}"), i
+        assert row_hashes(tmp_path / "local0") != row_hashes(tmp_path / "local1")  # the adapter matters
+        used = [manifest(tmp_path / f"warm{i}")["worker"]["models"] for i in range(3)]
+        assert [[(r["class"], r["hit"]) for r in u] for u in used] == [[("PeftModel", True)]] * 3
+        loads = [x.split("; ", 1)[1] for x in (sock.parent / "worker.log").read_text().splitlines()
+                 if " run generate " in x]
+        assert [x.rsplit(": ", 1)[1] for x in loads] == ["loaded", "swapped", "swapped"]
+        resident = [m for m in status(code, sock)["models"] if m["class"] == "PeftModel"]
+        assert [(Path(m["folder"]).name, m["trainable"]) for m in resident] == [("adapter2", False)]
+        # a trainable adapter (train --policy ADAPTER): the same weights and metrics
+        ap(code, tmp_path, "annotate", "local0", "-a", f"reward-model:{models['rm']}", "--pairing", "all",
+           "--out", "ann")
+        ap(code, tmp_path, "build-batches", "ann", "--task", "pairwise", "--tokenizer", models["lm"],
+           "--batch-size", 2, "--out", "bb")
+        for i, a in enumerate(adapters):
+            train = ["train", "bb", "--policy", a, "--reference", models["lm"], "--loss", "dpo", "--lr", "1e-3",
+                     "--device", "cpu"]
+            ap(code, tmp_path, *train, "--out", f"tl{i}")
+            ap(code, tmp_path, *train, "--out", f"tw{i}", worker=sock)
+            for f in (tmp_path / f"tl{i}").glob("*.safetensors"):
+                assert (tmp_path / f"tw{i}" / f.name).read_bytes() == f.read_bytes(), i
+            assert metrics(tmp_path / f"tw{i}") == metrics(tmp_path / f"tl{i}"), i
+        trained = [r for r in manifest(tmp_path / "tw2")["worker"]["models"] if r["class"] == "PeftModel"]
+        assert [(r["trainable"], r["hit"]) for r in trained] == [(True, True)]
+        loads = [x for x in (sock.parent / "worker.log").read_text().splitlines() if " run train " in x]
+        assert [re.search(r"adapter\d float32 trainable: (\w+)", x).group(1) for x in loads] == \
+            ["loaded", "swapped", "swapped"]
+    finally:
+        ap(code, tmp_path, "worker", "stop", "--socket", sock)
+
+
+def test_an_adapter_attached_in_a_child_leaves_the_resident_base_unchanged(models, tmp_path):
+    """A child that attaches an adapter itself (a miss) gets its own copy of the cached base: PEFT injects its
+    layers in place, and the stage's reference (the same base folder) must stay the plain model."""
+    import torch
+
+    from alignpipe.models import loading
+
+    adapter = _adapter(models["lm"], tmp_path / "adapter", seed=0)
+    cache = cache_mod.ModelCache(1 << 30)
+    assert cache.load("AutoModelForCausalLM", models["lm"], "float32") == "loaded"
+    loading.RESIDENT.append(cache)
+    try:
+        policy = loading.load_causal_lm(adapter)
+        reference = loading.load_causal_lm(models["lm"])
+    finally:
+        loading.RESIDENT.clear()
+    assert [r["hit"] for r in cache.requests] == [False, True, True]  # the adapter, its base, the reference
+    assert not any("lora" in name for name, _ in reference.named_modules())
+    assert any("lora" in name for name, _ in policy.named_modules())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert not torch.equal(policy(ids).logits, reference(ids).logits)
+
+
 def test_parse_size_and_model_bytes_hand_computed():
     import torch
 
@@ -402,7 +483,7 @@ def test_parse_size_and_model_bytes_hand_computed():
         cache_mod.parse_size("lots")
 
 
-def test_slots_find_models_in_options_and_component_specs(models):
+def test_slots_find_models_in_options_and_component_specs(models, tmp_path):
     lm, rm = str(models["lm"]), str(models["rm"])
     argv = ["alignpipe", "annotate", "gen", "-a", f"reward-model:{rm}", "-s", f"importance:policy={lm},clip=5",
             "--tokenizer", lm, "--out", "x"]
@@ -410,10 +491,19 @@ def test_slots_find_models_in_options_and_component_specs(models):
                                    ("--tokenizer", models["lm"].resolve())]
     prof = preload.Profiles()
     first = prof.plan(argv)  # a guess: every slot, as its architecture, float32
-    assert ("AutoModelForSequenceClassification", models["rm"].resolve(), "float32") in first
+    assert ("AutoModelForSequenceClassification", models["rm"].resolve(), "float32", False) in first
     prof.learn(argv, [{"class": "AutoModelForCausalLM", "folder": str(models["lm"].resolve()), "dtype": "bfloat16"}])
-    assert prof.plan(argv) == [("AutoModelForCausalLM", models["lm"].resolve(), "bfloat16")]
+    assert prof.plan(argv) == [("AutoModelForCausalLM", models["lm"].resolve(), "bfloat16", False)]
     assert prof.plan(argv + ["--trust-remote-code"]) == []
+    adapter = _adapter(models["lm"], tmp_path / "a", seed=0)
+    gen = ["alignpipe", "generate", "p", "--policy"]
+    lm_request = {"class": "AutoModelForCausalLM", "folder": str(models["lm"].resolve()), "dtype": "float32"}
+    prof.learn(gen + [lm], [lm_request])
+    assert prof.plan(gen + [str(adapter)]) == [("PeftModel", adapter.resolve(), "float32", False)]  # new kind: guess
+    prof.learn(gen + [str(adapter)], [{"class": "PeftModel", "folder": str(adapter.resolve()), "dtype": "float32",
+                                       "trainable": True}])
+    assert prof.plan(gen + [str(adapter)]) == [("PeftModel", adapter.resolve(), "float32", True)]
+    assert prof.plan(gen + [lm]) == [("AutoModelForCausalLM", models["lm"].resolve(), "float32", False)]
 
 
 # ------------------------------------------------------------------------------------------ recipes

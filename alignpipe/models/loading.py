@@ -17,7 +17,8 @@ from alignpipe.core.errors import UserError, first_line
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Inside a child of the resident worker (alignpipe.worker): its model cache, whose `take(class name, folder,
-# dtype)` returns a model already loaded with these arguments, or None. Empty everywhere else.
+# dtype)` and `take_adapter(folder, dtype, trainable)` return a model already loaded with these arguments (a PEFT
+# model with that adapter), or None. Empty everywhere else.
 RESIDENT: list = []
 
 
@@ -156,10 +157,13 @@ def load_errors() -> tuple:
     return OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError
 
 
-def _from_pretrained(cls, path: Path, dtype, trust_remote_code: bool, allow_pickle: bool, what: str):
+def _from_pretrained(cls, path: Path, dtype, trust_remote_code: bool, allow_pickle: bool, what: str,
+                     private: bool = False):
+    """`private`: the caller changes the model in place (an adapter attached to it), so a resident model is
+    handed over as a copy, and a later load of the same folder (a reference) still gets the unchanged one."""
     quiet_transformers()
     if RESIDENT and not (trust_remote_code or allow_pickle):
-        cached = RESIDENT[0].take(cls.__name__, path, dtype)
+        cached = RESIDENT[0].take(cls.__name__, path, dtype, private=private)
         if cached is not None:
             return cached
     try:
@@ -179,7 +183,12 @@ def load_causal_lm(path: Path | str, *, dtype: str = "float32", device: str = "c
     if not is_adapter(p):
         return _from_pretrained(AutoModelForCausalLM, p, torch_dtype, trust_remote_code, allow_pickle, what).to(dev)
     base = check_model_folder(adapter_base(p), f"{what} base (from {p}/adapter_config.json)", allow_pickle)
-    model = _from_pretrained(AutoModelForCausalLM, base, torch_dtype, trust_remote_code, allow_pickle, what)
+    if RESIDENT and not (trust_remote_code or allow_pickle):
+        resident = RESIDENT[0].take_adapter(p, torch_dtype, trainable_adapter)
+        if resident is not None:
+            return resident.to(dev)
+    model = _from_pretrained(AutoModelForCausalLM, base, torch_dtype, trust_remote_code, allow_pickle, what,
+                             private=True)
     return attach_adapter(model, p, trainable_adapter, what).to(dev)
 
 

@@ -109,6 +109,7 @@ class Run:
     normalization: Normalization
     dtype: str = "float32"
     max_grad_norm: float = 1.0
+    proximal: dict | None = None  # batch_index -> log pi_prox per token (train --proximal: alignpipe.training.proximal)
 
 
 def trainable(module) -> list:
@@ -207,9 +208,10 @@ def policy_outputs(run: Run, batch):
     return logps, lengths.float()
 
 
-def token_inputs(run: Run, batch):
+def token_inputs(run: Run, batch, old_logp=None):
     """The group task's TokenInputs: the policy's per-token log-probs and entropies of the sampled answers (one
-    forward), with their stored behaviour (and reference) log-probs and advantages."""
+    forward), with their stored behaviour (and reference) log-probs and advantages, and pi_prox's log-probs
+    (`old_logp`) under `train --proximal`."""
     from alignpipe.models.logprobs import response_token_logps
     from alignpipe.training.policy_gradient import TokenInputs
 
@@ -217,7 +219,7 @@ def token_inputs(run: Run, batch):
     with _autocast(run):
         logp, mask, entropy = response_token_logps(run.model, _tensors(batch), with_entropy=True)
     return TokenInputs(logp=logp, behaviour_logp=fields["behaviour"], mask=mask, advantage=fields["advantage"],
-                       weight=batch.weight, ref_logp=fields.get("ref_tokens"), entropy=entropy)
+                       weight=batch.weight, ref_logp=fields.get("ref_tokens"), entropy=entropy, old_logp=old_logp)
 
 
 def reference_logps(run: Run, batch):
@@ -269,9 +271,10 @@ def loss_inputs(run: Run, batch, values, lengths, refs):
 
 
 # --------------------------------------------------------------------------------------------- a step
-def accumulate_gradients(run: Run, step) -> tuple[list[str], object]:
-    """Forward + backward of this rank's micro-batches of `step` (a `train_data.Step`); returns the metric
-    names and their values over the whole step as one float64 device tensor (all-reduced, not read)."""
+def accumulate_gradients(run: Run, step, proximal: list | None = None) -> tuple[list[str], object]:
+    """Forward + backward of this rank's micro-batches of `step` (a `train_data.Step`; `proximal`: pi_prox's
+    log-probs of each); returns the metric names and their values over the whole step as one float64 device
+    tensor (all-reduced, not read)."""
     import torch
 
     from alignpipe.training.losses import compute_loss, is_value_loss
@@ -286,7 +289,7 @@ def accumulate_gradients(run: Run, step) -> tuple[list[str], object]:
             if batch.group is not None and is_value_loss(run.loss):  # PPO's critic (alignpipe.training.value_loss)
                 x = value_inputs(run, batch)
             elif batch.group is not None:  # token-level policy-gradient losses (alignpipe.training.policy_gradient)
-                x = token_inputs(run, batch)
+                x = token_inputs(run, batch, proximal[i] if proximal else None)
             else:
                 values, lengths = policy_outputs(run, batch)
                 x = loss_inputs(run, batch, values, lengths, reference_logps(run, batch))
@@ -322,12 +325,13 @@ def optimizer_step(run: Run, keys: list[str], values, step: int) -> dict:
 # --------------------------------------------------------------------------------------------- the loop
 def train_step(run: Run, ds, groups: list, stored_reference: bool, step: int) -> dict:
     """One optimisation step over the given stored batches; returns its metrics row (step is 1-based)."""
+    from alignpipe.training import proximal
     from alignpipe.training.micro_batches import micro_batches
 
     start = time.perf_counter()
     d = run.dist
     data = micro_batches(ds, groups, run.task, stored_reference, run.pad_id, d.device, d.rank, d.world)
-    metrics = optimizer_step(run, *accumulate_gradients(run, data), step)
+    metrics = optimizer_step(run, *accumulate_gradients(run, data, proximal.for_step(run, groups)), step)
     seconds = time.perf_counter() - start
     return {"step": step, "epoch": 0.0, "batch_index": groups[0][0], **metrics, "examples": data.examples,
             "tokens": data.tokens, "seconds": seconds, "tokens/s": data.tokens / seconds,

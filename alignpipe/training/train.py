@@ -36,6 +36,7 @@ class TrainOptions:
     continue_from: Path | None = None
     trainer_state: bool = True
     max_staleness: int | None = None
+    proximal: bool = False
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     weight_normalization: str = "dataset"
@@ -182,6 +183,7 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     from alignpipe.training import continuation as cont
     from alignpipe.training import loop as tr
     from alignpipe.training import micro_batches as td
+    from alignpipe.training import proximal as prox
     from alignpipe.training import staleness as stale
     from alignpipe.training.noop import no_op_notes
     from alignpipe.training.trackers import parse as parse_trackers
@@ -233,6 +235,7 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     schedule = schedule_steps(o, before, plan.total_steps)
     norm = tr.Normalization(o.weight_normalization, td.dataset_scale(ds, task, plan.steps_per_epoch))
     hparams = dict(spec.kwargs)
+    prox.check(o.proximal, task, hparams, str(spec))
     if hparams.get("mean_tokens") == 0 and o.weight_normalization == "dataset":  # DAPO: the dataset's tokens
         hparams["mean_tokens"] = td.mean_answer_tokens(ds)
     run = tr.prepare(module, reference=ref, task=task, loss=spec.name, hparams=hparams, dist=dist,
@@ -243,6 +246,8 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
     try:
         start, history, found = ck.resume(so.partial, run.module, run.optimizer, run.scheduler, rank=dist.rank,
                                           require=o.resume)
+        if o.proximal:  # before the first step (kept in the partial folder: a resumed train reads it)
+            run.proximal = prox.load_or_compute(run, ds, groups, ref.kind == "stored", so.partial)
         log = _metrics_log(so, history, report_to, config) if dist.rank == 0 else None
         continued = _continue(o, prior, run, found, schedule, say_it=log is not None)
         if log is not None and numerics and not numerics["match"]:
@@ -259,7 +264,7 @@ def train(batches: Path, out: Path, o: TrainOptions, *, config: dict, force: boo
                       "processes": dist.world, "device": dist.device, "sharding": dist.sharding,
                       "save_every": o.save_every, "resumed_from_step": start or None,
                       "optimizer": cont.settings(o, schedule), "continued_from": continued,
-                      "staleness": stale.summary(lag),
+                      "staleness": stale.summary(lag), "proximal": o.proximal,
                       **({"reference_numerics": numerics} if numerics else {}),
                       "no_op": no_op_notes(ds, policy_gradient=model_task == "group", history=log.history)}
             line = _finish(so, log, report, _saver(o, so, run, final, tokenizer, schedule, keep_state))

@@ -3,14 +3,17 @@
 A key is (model class, folder, fingerprint, dtype): a newly trained policy folder is a new key, and a folder
 whose fingerprint changed (rewritten in place) is a new key whose old entry is dropped. Models live on the
 CPU in the server (CUDA cannot cross a fork); a child moves its copy to its device as a fresh load would. A
-PEFT adapter is never cached itself: its base is, and the child attaches the adapter (reads only the adapter
-files). Above `max_bytes` (parameters and buffers) the least recently used models are evicted. Loads that
+PEFT adapter is kept as a resident PEFT model over its own copy of the cached base, one per adapter config
+(base, rank, targets), dtype and trainability: the next adapter of that config is swapped into it in place
+(only the adapter's weights are read; the model is not rebuilt), so the sampler of `generate` stays alive
+across calls while each call gets the new policy. Above `max_bytes` (parameters and buffers) the least recently used models are evicted. Loads that
 ask for remote code or pickle weights are never cached (they run in the child only).
 """
 from __future__ import annotations
 
 import copy
 import gc
+import json
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -18,6 +21,7 @@ from pathlib import Path
 from alignpipe.core.errors import UserError
 
 CLASSES = ("AutoModelForCausalLM", "AutoModelForSequenceClassification")
+ADAPTER = "PeftModel"  # the class name of a resident adapter entry: a PEFT model over its own base copy
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -46,6 +50,28 @@ def cache_key(cls_name: str, folder, dtype) -> tuple:
     return cls_name, str(p.resolve()), model_fingerprint(p), str(dtype).removeprefix("torch.")
 
 
+def adapter_key(folder, dtype, trainable: bool) -> tuple:
+    return (*cache_key(ADAPTER, folder, dtype), bool(trainable))
+
+
+def adapter_group(folder: Path, key: tuple) -> tuple:
+    """Adapters one resident PEFT model takes in turn: the same adapter_config.json (its base, rank, alpha,
+    targets, ...), dtype and trainability."""
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    return json.dumps(config, sort_keys=True), key[3], key[4]
+
+
+def swap_adapter(model, folder: Path) -> None:
+    """Load an adapter's weights into a PEFT model of the same config, in place (PEFT's own load path)."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    result = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter {folder}: {len(unexpected)} weights the resident model lacks ({unexpected[0]})")
+
+
 class ModelCache:
     """LRU of loaded models, bounded by bytes. In the server: `preload`. In a child: `take` (the hook that
     alignpipe.models.loading consults), which records every request for the manifest and the server."""
@@ -53,6 +79,7 @@ class ModelCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.entries: OrderedDict = OrderedDict()  # key -> (model, bytes)
+        self.groups: dict = {}  # adapter key -> adapter_group
         self.requests: list[dict] = []  # in a child: what the stage asked for, hit or not
         self._taken: set = set()
 
@@ -61,8 +88,18 @@ class ModelCache:
 
     def _drop_stale(self, key: tuple) -> None:
         """Entries of the same class, folder and dtype under another fingerprint: the folder changed."""
-        for old in [k for k in self.entries if k[0] == key[0] and k[1] == key[1] and k[3] == key[3] and k != key]:
-            del self.entries[old]
+        for old in [k for k in self.entries if k[0] == key[0] and k[1] == key[1] and k[3] == key[3] and k[2] != key[2]]:
+            self._drop(old)
+
+    def _drop(self, key: tuple) -> None:
+        del self.entries[key]
+        self.groups.pop(key, None)
+
+    def load(self, cls_name: str, folder: Path, dtype: str, trainable: bool = False) -> str:
+        """`preload` for a model class, `preload_adapter` for a PEFT adapter folder."""
+        if cls_name == ADAPTER:
+            return self.preload_adapter(folder, dtype, trainable)
+        return self.preload(cls_name, folder, dtype)
 
     def preload(self, cls_name: str, folder: Path, dtype: str) -> str:
         """Load a model into the cache unless it is there; 'hit', 'loaded', 'too-big' or 'failed: why'."""
@@ -91,29 +128,77 @@ class ModelCache:
         self.entries[key] = (model, size)
         return "loaded"
 
+    def preload_adapter(self, folder: Path, dtype: str, trainable: bool) -> str:
+        """A resident PEFT model holding this adapter: 'hit', 'swapped' (the adapter's weights loaded in place
+        into the resident model of its config), 'loaded' (attached to a copy of the cached base), 'too-big' or
+        'failed: why'."""
+        from alignpipe.models.loading import adapter_base, attach_adapter, local_folder
+
+        key = adapter_key(folder, dtype, trainable)
+        self._drop_stale(key)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return "hit"
+        try:
+            base = local_folder(adapter_base(folder)).resolve()
+            group = adapter_group(folder, key)
+        except (UserError, OSError, ValueError) as e:
+            return f"failed: {e}"
+        donor = next((k for k in self.entries if self.groups.get(k) == group), None)
+        if donor is not None:
+            model, size = self.entries[donor]
+            self._drop(donor)
+            try:
+                swap_adapter(model, folder)
+            except (OSError, ValueError, RuntimeError, KeyError) as e:
+                return f"failed: {e}"
+            self.entries[key], self.groups[key] = (model, size), group
+            return "swapped"
+        got = self.preload("AutoModelForCausalLM", base, dtype)
+        if got not in ("hit", "loaded"):
+            return got
+        try:
+            model = attach_adapter(copy.deepcopy(self.entries[cache_key("AutoModelForCausalLM", base, dtype)][0]),
+                                   Path(folder), trainable)
+        except UserError as e:
+            return f"failed: {e}"
+        size = model_bytes(model)
+        if size > self.max_bytes:
+            return "too-big"
+        self.make_room(size)
+        self.entries[key], self.groups[key] = (model, size), group
+        return "loaded"
+
     def make_room(self, size: int) -> None:
         while self.entries and self.total() + size > self.max_bytes:
-            self.entries.popitem(last=False)
+            self._drop(next(iter(self.entries)))
         gc.collect()
 
-    def take(self, cls_name: str, folder: Path, dtype) -> object | None:
+    def take(self, cls_name: str, folder: Path, dtype, private: bool = False) -> object | None:
         """In a child: the cached model for this load, or None (the child loads it itself). The first request
         of a key gets the server's object (a copy-on-write page view); a second one in the same child (e.g. the
-        policy and its reference from one folder) gets a deep copy, as two fresh loads give two models."""
+        policy and its reference from one folder) gets a deep copy, as two fresh loads give two models.
+        `private` (a base an adapter is attached to in place): always a deep copy, the server's object unchanged."""
         if cls_name not in CLASSES:
             return None
-        key = cache_key(cls_name, folder, dtype)
+        return self._take(cache_key(cls_name, folder, dtype), private)
+
+    def take_adapter(self, folder: Path, dtype, trainable: bool) -> object | None:
+        """In a child: the resident PEFT model holding this adapter, or None (the child attaches it itself)."""
+        return self._take(adapter_key(folder, dtype, trainable))
+
+    def _take(self, key: tuple, private: bool = False) -> object | None:
         hit = key in self.entries
-        self.requests.append({"class": cls_name, "folder": key[1], "fingerprint": key[2], "dtype": key[3],
-                              "hit": hit})
+        self.requests.append({"class": key[0], "folder": key[1], "fingerprint": key[2], "dtype": key[3],
+                              **({"trainable": key[4]} if len(key) > 4 else {}), "hit": hit})
         if not hit:
             return None
         model = self.entries[key][0]
-        if key in self._taken:
+        if private or key in self._taken:
             return copy.deepcopy(model)
         self._taken.add(key)
         return model
 
     def status(self) -> list[dict]:
-        return [{"class": k[0], "folder": k[1], "fingerprint": k[2], "dtype": k[3], "bytes": b}
-                for k, (_m, b) in self.entries.items()]
+        return [{"class": k[0], "folder": k[1], "fingerprint": k[2], "dtype": k[3], "bytes": b,
+                 **({"trainable": k[4]} if len(k) > 4 else {})} for k, (_m, b) in self.entries.items()]

@@ -175,8 +175,9 @@ class Server:
             protocol.send(conn, {"refused": why})
             conn.close()
             return
-        loads = [f"{cls.removeprefix('AutoModelFor')} {folder.name} {dtype}: "
-                 f"{self.cache.preload(cls, folder, dtype)}" for cls, folder, dtype in self.profiles.plan(msg["argv"])]
+        loads = [f"{cls.removeprefix('AutoModelFor')} {folder.parent.name}/{folder.name} {dtype}{' trainable' if trainable else ''}: "
+                 f"{self.cache.load(cls, folder, dtype, trainable)}"
+                 for cls, folder, dtype, trainable in self.profiles.plan(msg["argv"])]
         read_fd, write_fd = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
