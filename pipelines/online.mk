@@ -33,7 +33,12 @@
 #   LR, LORA_R, EPOCHS, BATCH, MAX_NEW_TOKENS, TEMPERATURE: training and sampling settings
 #   CONTINUE       1 (default): each iteration's train continues the previous policy's optimiser (AdamW
 #                  moments, schedule position, RNG: `train --continue-from`), so the iterations are one
-#                  training run; the reference stays policy 0 | 0: a fresh optimiser every iteration
+#                  training run | 0: a fresh optimiser every iteration
+#   REFERENCE      DPO's reference of iteration K: sampler (default) = the policy that sampled its answers
+#                  (K-1, or K-1-OFF_POLICY), as iterative DPO does (Xu et al. 2023; Yuan et al. 2024): every
+#                  iteration starts at loss ln 2 on its own pairs and its KL term holds the policy near the
+#                  sampler | start = policy 0 for every iteration (OAIF; from iteration 2 on, the pairs start
+#                  with the earlier iterations' log-ratios, a loss above ln 2 that one pass did not bring down)
 #   SCHEDULE_STEPS the schedule's length over the whole run (default: ITERS x EPOCHS x the most batches an
 #                  iteration can have, PROMPTS_PER_ITER x NUM_SAMPLES (NUM_SAMPLES - 1) / 2 pairs / BATCH)
 #   OFF_POLICY   K >= 1: iteration K' samples with policy K'-1-K (0 at the start), so under
@@ -70,7 +75,7 @@ STRATEGY ?= confidence
 REWEIGHT_OPTS ?= $(if $(CONFIG),,--normalize mean)
 LR ?= 5e-4
 LORA_R ?= 16
-EPOCHS ?= 2
+EPOCHS ?= 1
 BATCH ?= 4
 MAX_NEW_TOKENS ?= 48
 TEMPERATURE ?= 1.0
@@ -78,6 +83,7 @@ SEED ?= 0
 REPORT_TO ?=
 TRAIN_OPTS ?= $(call opt,--lora-r,LORA_R) $(if $(REPORT_TO),--report-to $(REPORT_TO))
 CONTINUE ?= 1
+REFERENCE ?= sampler
 OFF_POLICY ?= 0
 OVERLAP_THREADS ?= 1
 ifneq ($(OFF_POLICY),0)
@@ -97,6 +103,7 @@ policy = $(if $(filter 0,$(1)),$(MODEL),$(RUN)/iter-$(1)/policy)
 policy_dep = $(if $(filter 0,$(1)),,$(RUN)/iter-$(1)/policy/manifest.json)
 prev = $(shell echo $$(($(1)-1)))
 behaviour = $(shell k=$$(($(1)-1-$(OFF_POLICY))); echo $$((k < 0 ? 0 : k)))
+reference = $(if $(filter start,$(REFERENCE)),0,$(call behaviour,$(1)))
 continue = $(if $(and $(filter 1,$(CONTINUE)),$(filter-out 0,$(1))),--continue-from $(call policy,$(1)))
 ITER_LIST := $(shell seq 1 $(ITERS))
 POLICY_LIST := $(shell seq 0 $(ITERS))
@@ -123,9 +130,9 @@ $(RUN)/iter-$(1)/annotations/manifest.json: $(RUN)/iter-$(1)/generations/manifes
 $(RUN)/iter-$(1)/weighted/manifest.json: $(RUN)/iter-$(1)/annotations/manifest.json
 	$(ALIGNPIPE) reweight $(RUN)/iter-$(1)/annotations $(call opt,--strategy,STRATEGY) $(REWEIGHT_OPTS) \
 	  --out $(RUN)/iter-$(1)/weighted $(CONFIG_OPT)
-$(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/weighted/manifest.json
+$(RUN)/iter-$(1)/batches/manifest.json: $(RUN)/iter-$(1)/weighted/manifest.json $(call policy_dep,$(call reference,$(1)))
 	$(ALIGNPIPE) build-batches $(RUN)/iter-$(1)/weighted --task pairwise --tokenizer $(MODEL) \
-	  --reference $(MODEL) $(call opt,--pairs,PAIRS) $(call opt,--batch-size,BATCH) --seed $(SEED) \
+	  --reference $(call policy,$(call reference,$(1))) $(call opt,--pairs,PAIRS) $(call opt,--batch-size,BATCH) --seed $(SEED) \
 	  --out $(RUN)/iter-$(1)/batches $(CONFIG_OPT)
 $(RUN)/iter-$(1)/policy/manifest.json: $(RUN)/iter-$(1)/batches/manifest.json $(call policy_dep,$(call prev,$(1)))
 	$(ALIGNPIPE) train $(RUN)/iter-$(1)/batches --policy $(call policy,$(call prev,$(1))) $(call opt,--loss,LOSS) \

@@ -216,10 +216,10 @@ $(RUN)/report/summary.md: $(EVAL_TARGETS) $(RUN)/iter-$(ITERS)/policy/manifest.j
 report:
 	$(ALIGNPIPE) report $(RUN) --out $(RUN)/report
 
-# one run folder per variant: runs/demo-rl[-ppo][-LOSS][-off K][-worker]-seedS (a variant given on the command
+# one run folder per variant: runs/demo-rl[-ppo][-LOSS][-off K[-noprox]][-worker]-seedS (a variant given on the command
 # line must not find another variant's outputs up to date)
 DEMO_VARIANT = $(if $(filter-out grpo,$(ALGO)),-$(ALGO))$(if $(filter-out grpo ppo,$(LOSS)),-$(LOSS))$(if \
-  $(filter-out 0,$(OFF_POLICY)),-off$(OFF_POLICY))$(if $(filter 1,$(WORKER)),-worker)
+  $(filter-out 0,$(OFF_POLICY)),-off$(OFF_POLICY)$(if $(filter-out 1,$(PROXIMAL)),-noprox))$(if $(filter 1,$(WORKER)),-worker)
 demo:
 	$(MAKE) -f pipelines/rl.mk run NAME=demo-rl$(DEMO_VARIANT)-seed$(SEED)
 
