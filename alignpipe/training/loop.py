@@ -323,15 +323,22 @@ def optimizer_step(run: Run, keys: list[str], values, step: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- the loop
+def proximal_logps(run: Run, groups: list) -> list | None:
+    """log pi_prox of each micro-batch of a step (its stored batches, in order; alignpipe.training.proximal
+    computed them before step 1), or None without `train --proximal`."""
+    if run.proximal is None:
+        return None
+    return [run.proximal[int(index)].to(run.dist.device) for index, _rows in groups]
+
+
 def train_step(run: Run, ds, groups: list, stored_reference: bool, step: int) -> dict:
     """One optimisation step over the given stored batches; returns its metrics row (step is 1-based)."""
-    from alignpipe.training import proximal
     from alignpipe.training.micro_batches import micro_batches
 
     start = time.perf_counter()
     d = run.dist
     data = micro_batches(ds, groups, run.task, stored_reference, run.pad_id, d.device, d.rank, d.world)
-    metrics = optimizer_step(run, *accumulate_gradients(run, data, proximal.for_step(run, groups)), step)
+    metrics = optimizer_step(run, *accumulate_gradients(run, data, proximal_logps(run, groups)), step)
     seconds = time.perf_counter() - start
     return {"step": step, "epoch": 0.0, "batch_index": groups[0][0], **metrics, "examples": data.examples,
             "tokens": data.tokens, "seconds": seconds, "tokens/s": data.tokens / seconds,

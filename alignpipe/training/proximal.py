@@ -68,11 +68,3 @@ def load_or_compute(run, ds, batch_groups: list, stored_reference: bool, partial
     save_file({str(k): v for k, v in values.items()}, str(tmp))
     os.replace(tmp, path)
     return values
-
-
-def for_step(run, groups: list) -> list | None:
-    """log pi_prox of each micro-batch of a step (its stored batches, in order), or None when off."""
-    table = getattr(run, "proximal", None)
-    if table is None:
-        return None
-    return [table[int(index)].to(run.dist.device) for index, _rows in groups]
