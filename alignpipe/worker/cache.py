@@ -6,7 +6,9 @@ CPU in the server (CUDA cannot cross a fork); a child moves its copy to its devi
 PEFT adapter is kept as a resident PEFT model over its own copy of the cached base, one per adapter config
 (base, rank, targets), dtype and trainability: the next adapter of that config is swapped into it in place
 (only the adapter's weights are read; the model is not rebuilt), so the sampler of `generate` stays alive
-across calls while each call gets the new policy. Above `max_bytes` (parameters and buffers) the least recently used models are evicted. Loads that
+across calls while each call gets the new policy. A new full model folder is loaded fresh, not copied into a
+resident model of its architecture: that model is usually policy 0, which the next stage needs again as its
+reference. Above `max_bytes` (parameters and buffers) the least recently used models are evicted. Loads that
 ask for remote code or pickle weights are never cached (they run in the child only).
 """
 from __future__ import annotations

@@ -4,8 +4,9 @@
 A slot is an option of a stage whose value names a model folder, directly (`--policy DIR`) or inside a
 component spec (`-a reward-model:DIR`, `-s importance:policy=DIR`); a PEFT adapter folder is a slot of its own
 (a resident PEFT model over its base, see cache.py). The first time a stage runs, every slot is preloaded as
-its config's architecture (an adapter: trainable as train's --policy only) at the command's --dtype (float32 when none): a guess. Each child reports what the stage really asked for (class, folder, dtype), and
-from then on the server preloads exactly those slots with those classes and dtypes. A wrong guess costs a
+its config's architecture (an adapter: trainable as train's --policy only) at the command's --dtype
+(float32 when none): a guess. Each child reports what the stage really asked for (class, folder, dtype,
+trainable), and from then on the server preloads exactly those slots with those classes and dtypes. A wrong guess costs a
 load, never a wrong model: the cache key holds class, folder, fingerprint and dtype.
 """
 from __future__ import annotations
