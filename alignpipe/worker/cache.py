@@ -110,9 +110,7 @@ class ModelCache:
         from alignpipe.models import loading
 
         key = cache_key(cls_name, folder, dtype)
-        self._drop_stale(key)
-        if key in self.entries:
-            self.entries.move_to_end(key)
+        if self._hit(key):
             return "hit"
         import transformers
 
@@ -121,14 +119,7 @@ class ModelCache:
                                              getattr(torch, key[3]), False, False, "model")
         except UserError as e:
             return f"failed: {e}"
-        size = model_bytes(model)
-        if size > self.max_bytes:
-            del model
-            gc.collect()
-            return "too-big"
-        self.make_room(size)
-        self.entries[key] = (model, size)
-        return "loaded"
+        return self._admit(key, model)
 
     def preload_adapter(self, folder: Path, dtype: str, trainable: bool) -> str:
         """A resident PEFT model holding this adapter: 'hit', 'swapped' (the adapter's weights loaded in place
@@ -137,9 +128,7 @@ class ModelCache:
         from alignpipe.models.loading import adapter_base, attach_adapter, local_folder
 
         key = adapter_key(folder, dtype, trainable)
-        self._drop_stale(key)
-        if key in self.entries:
-            self.entries.move_to_end(key)
+        if self._hit(key):
             return "hit"
         try:
             base = local_folder(adapter_base(folder)).resolve()
@@ -164,11 +153,28 @@ class ModelCache:
                                    Path(folder), trainable)
         except UserError as e:
             return f"failed: {e}"
+        return self._admit(key, model, group)
+
+    def _hit(self, key: tuple) -> bool:
+        """The key is cached (now the most recently used); an entry of its folder under another fingerprint is
+        dropped first."""
+        self._drop_stale(key)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return True
+        return False
+
+    def _admit(self, key: tuple, model, group: tuple | None = None) -> str:
+        """Cache a model just loaded: 'loaded', or 'too-big' (above the whole bound; not kept)."""
         size = model_bytes(model)
         if size > self.max_bytes:
+            del model
+            gc.collect()
             return "too-big"
         self.make_room(size)
-        self.entries[key], self.groups[key] = (model, size), group
+        self.entries[key] = (model, size)
+        if group is not None:
+            self.groups[key] = group
         return "loaded"
 
     def make_room(self, size: int) -> None:
